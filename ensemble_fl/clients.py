@@ -1,0 +1,112 @@
+"""Federated client data in one padded, vmap-friendly layout.
+
+Clients hold different numbers of examples. To train every client of a
+subsample in one compiled program (``vmap`` over clients, no Python loop), all
+clients are padded to a common length ``m_max`` and carry their true size.
+Minibatches are then gathered *by index* from a client's first ``sizes[i]``
+rows, so padding is never read and no model ever copies the data.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+
+class ClientData(NamedTuple):
+  """All n clients' training data, padded to a common length.
+
+  Attributes:
+    x: float32 ``[n, m_max, *feature_shape]``; rows ``>= sizes[i]`` are zero.
+    y: int32 ``[n, m_max]``; rows ``>= sizes[i]`` are zero.
+    sizes: int32 ``[n]``, the number of real examples of each client (>= 1).
+  """
+
+  x: np.ndarray
+  y: np.ndarray
+  sizes: np.ndarray
+
+  @property
+  def num_clients(self) -> int:
+    return int(self.sizes.shape[0])
+
+  @property
+  def feature_shape(self) -> tuple[int, ...]:
+    return tuple(self.x.shape[2:])
+
+
+def pack_clients(
+    xs: Sequence[np.ndarray],
+    ys: Sequence[np.ndarray],
+    *,
+    num_classes: int | None = None,
+) -> ClientData:
+  """Pads per-client arrays into one :class:`ClientData`.
+
+  Args:
+    xs: one float array ``[m_i, *feature_shape]`` per client.
+    ys: one integer array ``[m_i]`` per client.
+    num_classes: when given, labels must lie in ``[0, num_classes)``.
+
+  Returns:
+    The padded :class:`ClientData`.
+
+  Raises:
+    ValueError: no clients, a client without examples, mismatched lengths or
+      feature shapes, non-finite features, non-integer or out-of-range labels.
+  """
+  if len(xs) != len(ys):
+    raise ValueError(f"xs has {len(xs)} clients but ys has {len(ys)}")
+  if len(xs) == 0:
+    raise ValueError("no clients: xs and ys are empty")
+  xs = [np.asarray(x) for x in xs]
+  ys = [np.asarray(y) for y in ys]
+  feature_shape = xs[0].shape[1:]
+  for i, (x, y) in enumerate(zip(xs, ys)):
+    if x.ndim < 1 or x.shape[0] == 0:
+      raise ValueError(f"client {i} has no examples")
+    if x.shape[1:] != feature_shape:
+      raise ValueError(
+          f"client {i} has feature shape {x.shape[1:]}, client 0 has {feature_shape}")
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+      raise ValueError(
+          f"client {i}: labels have shape {y.shape}, expected ({x.shape[0]},)")
+    if not np.issubdtype(y.dtype, np.integer):
+      raise ValueError(f"client {i}: labels must be integers, got {y.dtype}")
+    if not np.issubdtype(x.dtype, np.number) or not np.all(np.isfinite(x)):
+      raise ValueError(f"client {i}: features must be finite numbers (found NaN/inf or non-numeric)")
+    if np.any(y < 0) or (num_classes is not None and np.any(y >= num_classes)):
+      raise ValueError(
+          f"client {i}: labels outside [0, {num_classes if num_classes is not None else 'inf'})")
+  sizes = np.array([x.shape[0] for x in xs], dtype=np.int32)
+  m_max = int(sizes.max())
+  n = len(xs)
+  x_out = np.zeros((n, m_max, *feature_shape), dtype=np.float32)
+  y_out = np.zeros((n, m_max), dtype=np.int32)
+  for i, (x, y) in enumerate(zip(xs, ys)):
+    x_out[i, : x.shape[0]] = x
+    y_out[i, : y.shape[0]] = y
+  return ClientData(x_out, y_out, sizes)
+
+
+def validate_clients(clients: ClientData, *, num_classes: int | None = None) -> None:
+  """Checks a :class:`ClientData` built by hand; raises ValueError on any defect."""
+  x, y, sizes = (np.asarray(a) for a in clients)
+  if x.ndim < 2:
+    raise ValueError(f"clients.x must be [n, m_max, ...], got shape {x.shape}")
+  if y.shape != x.shape[:2]:
+    raise ValueError(f"clients.y has shape {y.shape}, expected {x.shape[:2]}")
+  if sizes.shape != (x.shape[0],):
+    raise ValueError(f"clients.sizes has shape {sizes.shape}, expected ({x.shape[0]},)")
+  if x.shape[0] == 0:
+    raise ValueError("no clients")
+  if not np.issubdtype(sizes.dtype, np.integer) or not np.issubdtype(y.dtype, np.integer):
+    raise ValueError("clients.sizes and clients.y must be integer arrays")
+  if np.any(sizes < 1) or np.any(sizes > x.shape[1]):
+    bad = int(np.flatnonzero((sizes < 1) | (sizes > x.shape[1]))[0])
+    raise ValueError(f"client {bad} has size {int(sizes[bad])}, must be in [1, {x.shape[1]}]")
+  if not np.all(np.isfinite(x)):
+    raise ValueError("clients.x contains NaN or inf")
+  if np.any(y < 0) or (num_classes is not None and np.any(y >= num_classes)):
+    raise ValueError(f"clients.y has labels outside [0, {num_classes})")
