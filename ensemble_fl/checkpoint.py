@@ -1,0 +1,153 @@
+"""Crash-safe storage of finished ensemble chunks.
+
+A paper-scale ensemble trains for hours. :class:`ChunkStore` writes each
+finished chunk of models to a run directory *atomically* (write to a temporary
+file in the same directory, fsync, then ``os.replace``), so a run killed at any
+instant leaves only whole chunks behind, and a restart with the same command
+skips them. The run directory carries a fingerprint of everything that
+determines the models (training config, subsample plan, data, model shapes,
+chunk size); a restart whose fingerprint differs is refused rather than
+silently mixing models from two configurations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+_MANIFEST = "manifest.json"
+_CHUNK_RE = re.compile(r"^chunk_(\d{6})\.npz$")
+
+
+def array_digest(*arrays: Any) -> str:
+  """SHA-256 over the dtypes, shapes and bytes of numpy-convertible arrays."""
+  h = hashlib.sha256()
+  for a in arrays:
+    a = np.ascontiguousarray(np.asarray(a))
+    h.update(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def _canonical(obj: Any) -> Any:
+  """Makes a fingerprint JSON-stable (tuples → lists, numpy scalars → Python)."""
+  if isinstance(obj, Mapping):
+    return {str(k): _canonical(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+  if isinstance(obj, (list, tuple)):
+    return [_canonical(v) for v in obj]
+  if isinstance(obj, np.generic):
+    return obj.item()
+  if obj is None or isinstance(obj, (bool, int, float, str)):
+    return obj
+  return repr(obj)
+
+
+def _fsync_dir(path: Path) -> None:
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:  # Some platforms cannot open directories; the rename is still atomic.
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def _atomic_write(path: Path, write) -> None:
+  tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+  with open(tmp, "wb") as f:
+    write(f)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  _fsync_dir(path.parent)
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+  if isinstance(old, dict) and isinstance(new, dict):
+    out = []
+    for key in sorted(set(old) | set(new)):
+      name = f"{prefix}.{key}" if prefix else key
+      if key not in old or key not in new:
+        out.append(name)
+      else:
+        out.extend(_differences(old[key], new[key], name))
+    return out
+  return [] if old == new else [prefix or "<root>"]
+
+
+class ChunkStore:
+  """Finished chunks of a run, keyed by chunk index, in ``run_dir/chunks``.
+
+  Args:
+    run_dir: the run's directory (created if absent).
+    fingerprint: JSON-serialisable description of everything that determines
+      the chunks' contents. Stored on first use; a later store opened on the
+      same directory with a different fingerprint raises ``ValueError``
+      naming the fields that differ.
+  """
+
+  def __init__(self, run_dir: str | os.PathLike, fingerprint: Mapping[str, Any]):
+    self.run_dir = Path(run_dir)
+    self.chunk_dir = self.run_dir / "chunks"
+    self.fingerprint = _canonical(dict(fingerprint))
+    self.chunk_dir.mkdir(parents=True, exist_ok=True)
+    manifest = self.run_dir / _MANIFEST
+    if manifest.exists():
+      try:
+        stored = json.loads(manifest.read_text())
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{manifest} is not valid JSON ({e}); delete the run directory to start over") from e
+      if stored != self.fingerprint:
+        fields = ", ".join(_differences(stored, self.fingerprint)) or "<structure>"
+        raise ValueError(
+            f"cannot resume in {self.run_dir}: it was started with a different configuration "
+            f"(differs in: {fields}); use another output directory or delete this one")
+    else:
+      text = json.dumps(self.fingerprint, indent=1, sort_keys=True).encode()
+      _atomic_write(manifest, lambda f: f.write(text))
+
+  def _path(self, index: int) -> Path:
+    return self.chunk_dir / f"chunk_{index:06d}.npz"
+
+  def completed(self) -> list[int]:
+    """Indices of the chunks already on disk, sorted."""
+    return sorted(int(m.group(1)) for p in self.chunk_dir.iterdir()
+                  if (m := _CHUNK_RE.match(p.name)))
+
+  def has(self, index: int) -> bool:
+    return self._path(index).exists()
+
+  def save(self, index: int, tree: Any) -> None:
+    """Atomically writes one chunk: a pytree of arrays (params or predictions)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    arrays = {f"leaf_{i:05d}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
+    _atomic_write(self._path(index), lambda f: np.savez(f, **arrays))
+
+  def load(self, index: int, like: Any) -> Any:
+    """Reads chunk ``index`` into the structure of the pytree ``like``.
+
+    Raises:
+      ValueError: the file holds a different number of leaves or shapes than
+        ``like`` (a corrupted or foreign chunk).
+    """
+    treedef = jax.tree_util.tree_structure(like)
+    like_leaves = jax.tree_util.tree_leaves(like)
+    with np.load(self._path(index)) as data:
+      names = sorted(data.files)
+      if len(names) != len(like_leaves):
+        raise ValueError(f"chunk {index} in {self.chunk_dir} has {len(names)} arrays, expected {len(like_leaves)}")
+      leaves = [data[name] for name in names]
+    for name, got, want in zip(names, leaves, like_leaves):
+      if got.shape != np.shape(want):
+        raise ValueError(f"chunk {index}: {name} has shape {got.shape}, expected {np.shape(want)}")
+    return jax.tree_util.tree_unflatten(treedef, leaves)
