@@ -13,6 +13,7 @@ import hashlib
 import importlib
 import importlib.util
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +90,7 @@ def _read_gz(path: Path, verify: bool) -> bytes:
           "replace it, or pass verify=False to load it anyway.")
   try:
     return gzip.decompress(blob)
-  except (OSError, EOFError) as err:
+  except (OSError, EOFError, zlib.error) as err:
     raise ValueError(f"{path}: not a valid gzip file ({err})") from err
 
 
