@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ensemble_fl.clients import validate_clients
+from ensemble_fl.clients import pack_clients, validate_clients
 from ensemble_fl.data import har, mnist, paths
 from ensemble_fl.data import (assign_mnist_clients, default_data_dir, har_federated,
                               load_hapt, load_mnist, load_uci_har, split_mnist_clients,
@@ -223,6 +223,12 @@ def test_split_every_example_once_and_deterministic():
   np.testing.assert_array_equal(np.sort(ids), np.arange(m))
   np.testing.assert_array_equal(c.y[real], y[ids])
   assert np.all(c.x[~real] == 0)
+  # The vectorised packing is exactly clients.pack_clients of per-client slices.
+  client = assign_mnist_clients(y, n_clients=50, q=0.5, seed=7)
+  ref = pack_clients([x[client == i] for i in range(50)], [y[client == i] for i in range(50)])
+  for a, b in zip(c, ref):
+    np.testing.assert_array_equal(a, b)
+    assert a.dtype == b.dtype
   again = split_mnist_clients(x, y, n_clients=50, q=0.5, seed=7)
   for a, b in zip(c, again):
     np.testing.assert_array_equal(a, b)
@@ -264,6 +270,8 @@ def test_split_bad_inputs():
       split_mnist_clients(x, y, **{"n_clients": 100, **kwargs})
   with pytest.raises(ValueError):
     split_mnist_clients(x[:-1], y, n_clients=100)
+  with pytest.raises(ValueError, match="finite"):
+    split_mnist_clients(np.full_like(x, np.nan), y, n_clients=100)
   with pytest.raises(ValueError):
     assign_mnist_clients(y.astype(np.float32), n_clients=100)
   # All examples in group 0: the other groups' clients cannot be filled.
