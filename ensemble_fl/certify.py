@@ -1,0 +1,523 @@
+"""Certified security levels of an ensemble of global models (SPEC §3-4).
+
+An ensemble of global models, each trained by any base federated-learning
+algorithm on a subsample of k of the n clients, predicts the majority label.
+Theorem 1 of the paper turns a lower bound p_lower on the top label's
+probability and an upper bound p_upper on the runner-up's into a number m* of
+malicious clients that provably cannot change the prediction:
+
+  m* = largest m in [0, n - k] with
+       ceil(p_lower * C) - floor(p_upper * C) > 2 * C - 2 * C(n - m, k),
+
+where C = C(n, k). C(1000, 10) is about 2.6e23, far beyond the integers a
+float64 holds exactly, so every comparison here is done on Python integers
+and `fractions.Fraction`s; floats only ever enter as *inputs* that have been
+rounded down on purpose.
+
+Three ways to get the bounds (`certify`'s `mode`):
+
+* "exact": one model for each of the C(n, k) subsets; the bounds are the
+  exact vote fractions, so the level depends only on the integer gap
+  c_y - c_z.
+* "monte_carlo" (the paper's Algorithm 2): N independently drawn subsets;
+  the top label's count is Binomial(N, p_y), and a one-sided Clopper-Pearson
+  bound at level alpha / d (Bonferroni over the d test inputs) gives p_lower.
+  The level depends only on the top count, so one table of N + 1 levels
+  certifies any number of inputs with a gather.
+* "partition": N models trained on disjoint client groups, so a malicious
+  client touches at most one model; deterministic, no alpha.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fractions
+import math
+import numbers
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from scipy import special
+
+Fraction = fractions.Fraction
+
+MODES = ("exact", "monte_carlo", "partition")
+
+ABSTAIN = -1
+NOT_CERTIFIED = -1
+
+# Relative amount by which the float Clopper-Pearson bound from scipy is
+# pushed down before it is used as an exact rational. scipy's `betaincinv`
+# (Boost's ibeta_inv) is accurate to a few 1e-14 relative in our checks, but
+# it can land on either side of the true quantile; a bound that is too high
+# by even one ulp can certify one client too many when p_lower * C(n, k)
+# sits right at an integer. Pushing down by 1e-10 (four orders of magnitude
+# more than the observed error) is always safe: a smaller lower bound is
+# still a valid lower bound, and it costs a level only when the true bound
+# is within 1e-10 relative of a threshold.
+_CP_SAFETY_MARGIN = 1e-10
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Certificate:
+  """Predicted labels and certified security levels of d test inputs.
+
+  Attributes:
+    labels: int64 [d]. The certified prediction; -1 (ABSTAIN) when the
+      ensemble's prediction cannot be certified at all (exact top-count tie,
+      or p_lower <= p_upper in Monte Carlo mode).
+    levels: int64 [d]. Certified security level m*: the prediction is
+      unchanged whenever at most m* clients are malicious. -1 when not
+      certified; always -1 where `labels` is -1.
+    top_labels: int64 [d]. The plain majority vote before abstention (ties
+      toward the smaller label, or at random with `seed` in Monte Carlo
+      mode).
+    counts: int64 [d, num_classes]. Vote counts of the N models.
+    top_count: int64 [d]. counts[t, top_labels[t]].
+    runner_up_count: int64 [d]. Largest count among the other labels.
+    p_lower: float64 [d]. The lower bound on the top label's probability
+      that was used (rounded down), for information only; the level was
+      computed from its exact rational value.
+    p_upper: float64 [d]. The upper bound on the runner-up's probability,
+      for information only.
+    mode: "exact", "monte_carlo" or "partition".
+    n: number of clients (None in partition mode, where it is not used).
+    k: subsample size (None in partition mode).
+    alpha: confidence parameter (Monte Carlo mode only, else None).
+    num_models: N, the number of global models that voted.
+    num_classes: number of labels.
+  """
+  labels: np.ndarray
+  levels: np.ndarray
+  top_labels: np.ndarray
+  counts: np.ndarray
+  top_count: np.ndarray
+  runner_up_count: np.ndarray
+  p_lower: np.ndarray
+  p_upper: np.ndarray
+  mode: str
+  n: Optional[int]
+  k: Optional[int]
+  alpha: Optional[float]
+  num_models: int
+  num_classes: int
+
+  @property
+  def num_inputs(self) -> int:
+    """d, the number of certified test inputs."""
+    return int(self.labels.shape[0])
+
+
+# ---------------------------------------------------------------------------
+# Exact arithmetic.
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+  """Returns `value` as a Python int >= `minimum`, else raises ValueError."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+      value, (numbers.Integral, np.integer)):
+    raise ValueError(f"{name} must be an integer, got {value!r}")
+  value = int(value)
+  if value < minimum:
+    raise ValueError(f"{name} must be >= {minimum}, got {value}")
+  return value
+
+
+def _check_n_k(n: Any, k: Any) -> tuple[int, int]:
+  """Validates the number of clients n and the subsample size k."""
+  if n is None or k is None:
+    raise ValueError("n and k are required in this mode")
+  n = _check_int("n", n, 1)
+  k = _check_int("k", k, 1)
+  if k > n:
+    raise ValueError(f"k must be <= n, got k={k} > n={n}")
+  return n, k
+
+
+def _as_fraction(name: str, p: Any) -> Fraction:
+  """Exact rational value of a probability (float, Fraction or int).
+
+  A float is taken at its exact binary value, never re-rounded, so callers
+  that want a conservative bound must round it themselves before passing it.
+  """
+  if isinstance(p, (np.ndarray,)) or (hasattr(p, "shape") and
+                                       hasattr(p, "dtype")):
+    arr = np.asarray(p)
+    if arr.shape != ():
+      raise ValueError(f"{name} must be a scalar, got shape {arr.shape}")
+    p = arr.item()
+  if isinstance(p, (bool, np.bool_)):
+    raise ValueError(f"{name} must be a number, got {p!r}")
+  if isinstance(p, np.integer):
+    p = int(p)
+  elif isinstance(p, np.floating):
+    p = float(p)  # exact: every float16/32/64 value is a float64 value
+  if isinstance(p, float):
+    if math.isnan(p):
+      raise ValueError(f"{name} is NaN")
+    if math.isinf(p):
+      raise ValueError(f"{name} must lie in [0, 1], got {p}")
+    p = Fraction(p)
+  elif isinstance(p, numbers.Rational):
+    p = Fraction(p)
+  else:
+    raise ValueError(
+        f"{name} must be a float, int or Fraction, got {type(p).__name__}")
+  if p < 0 or p > 1:
+    raise ValueError(f"{name} must lie in [0, 1], got {p}")
+  return p
+
+
+def _ceil_times(p: Fraction, c: int) -> int:
+  """ceil(p * c) in exact integer arithmetic."""
+  return -((-p.numerator * c) // p.denominator)
+
+
+def _floor_times(p: Fraction, c: int) -> int:
+  """floor(p * c) in exact integer arithmetic."""
+  return (p.numerator * c) // p.denominator
+
+
+class _LevelSolver:
+  """Largest m with gap > 2*C(n,k) - 2*C(n-m,k), by binary search over m.
+
+  The right side grows with m (C(n-m, k) shrinks), so the m that satisfy the
+  inequality form a prefix [0, m*] of [0, n-k]. The binomials are cached, so
+  a table of many gaps for one (n, k) costs O(distinct m probed) `comb`s.
+  """
+
+  def __init__(self, n: int, k: int):
+    self.n = n
+    self.k = k
+    self.total = math.comb(n, k)
+    self._comb = {}
+
+  def _threshold(self, m: int) -> int:
+    """2*C(n,k) - 2*C(n-m,k): the gap must exceed this for level m."""
+    c = self._comb.get(m)
+    if c is None:
+      c = math.comb(self.n - m, self.k)
+      self._comb[m] = c
+    return 2 * self.total - 2 * c
+
+  def level(self, gap: int) -> int:
+    """Certified level of an integer gap ceil(p_y*C) - floor(p_z*C); or -1."""
+    if not gap > self._threshold(0):  # threshold(0) == 0
+      return NOT_CERTIFIED
+    lo, hi = 0, self.n - self.k  # invariant: lo satisfies, all > hi do not
+    while lo < hi:
+      mid = (lo + hi + 1) // 2
+      if gap > self._threshold(mid):
+        lo = mid
+      else:
+        hi = mid - 1
+    return lo
+
+
+def certified_level(p_lower, p_upper, n: int, k: int) -> int:
+  """Certified security level of Theorem 1, in exact arithmetic.
+
+  Args:
+    p_lower: lower bound on the top label's probability: a float (taken at
+      its exact binary value), a `fractions.Fraction` or an int, in [0, 1].
+    p_upper: upper bound on the runner-up label's probability, same types.
+    n: number of clients, >= 1.
+    k: subsample size, 1 <= k <= n.
+
+  Returns:
+    The largest m in [0, n - k] with
+    ceil(p_lower*C) - floor(p_upper*C) > 2*C - 2*C(n-m, k), C = C(n, k);
+    -1 when even m = 0 fails.
+
+  Raises:
+    ValueError: on NaN, infinite or out-of-[0, 1] bounds, or bad n, k.
+  """
+  n, k = _check_n_k(n, k)
+  pl = _as_fraction("p_lower", p_lower)
+  pu = _as_fraction("p_upper", p_upper)
+  solver = _LevelSolver(n, k)
+  gap = _ceil_times(pl, solver.total) - _floor_times(pu, solver.total)
+  return solver.level(gap)
+
+
+def clopper_pearson_lower(top_count, num_models: int, alpha_per_input: float
+                          ) -> np.ndarray:
+  """One-sided Clopper-Pearson lower bounds, rounded down for safety.
+
+  Args:
+    top_count: int array [...], vote counts in [0, num_models].
+    num_models: N, the number of Bernoulli trials.
+    alpha_per_input: the one-sided error level (alpha / d in Algorithm 2).
+
+  Returns:
+    float64 [...]: Beta(alpha_per_input; N_y, N - N_y + 1) quantiles, pushed
+    down by a relative `_CP_SAFETY_MARGIN` and one more ulp toward 0, so each
+    is <= the exact quantile; 0 where the count is 0.
+  """
+  counts = np.asarray(top_count, dtype=np.int64)
+  safe = np.maximum(counts, 1)  # betaincinv needs a > 0; masked below
+  q = special.betaincinv(safe.astype(np.float64),
+                         (num_models - safe + 1).astype(np.float64),
+                         alpha_per_input)
+  q = np.nextafter(q * (1.0 - _CP_SAFETY_MARGIN), 0.0)
+  q = np.clip(q, 0.0, 1.0)
+  return np.where(counts > 0, q, 0.0)
+
+
+# ---------------------------------------------------------------------------
+# Votes.
+
+
+def _check_predictions(predictions, num_classes) -> tuple[np.ndarray, int]:
+  """Validates the [N, d] label tensor; returns it as a numpy array."""
+  num_classes = _check_int("num_classes", num_classes, 2)
+  preds = np.asarray(predictions)
+  if preds.ndim != 2:
+    raise ValueError(
+        f"predictions must be 2-D [N models, d inputs], got shape "
+        f"{preds.shape}")
+  if not np.issubdtype(preds.dtype, np.integer):
+    raise ValueError(
+        f"predictions must have an integer dtype, got {preds.dtype}")
+  if preds.shape[0] == 0 or preds.shape[1] == 0:
+    raise ValueError(
+        f"predictions is empty (shape {preds.shape}): need N >= 1 models "
+        "and d >= 1 inputs")
+  lo, hi = int(preds.min()), int(preds.max())
+  if lo < 0 or hi >= num_classes:
+    raise ValueError(
+        f"predicted labels must lie in [0, {num_classes}), found values in "
+        f"[{lo}, {hi}]")
+  return preds, num_classes
+
+
+def vote_counts(predictions: np.ndarray, num_classes: int) -> np.ndarray:
+  """Per-input label counts.
+
+  Args:
+    predictions: int [N, d], labels in [0, num_classes).
+    num_classes: K.
+
+  Returns:
+    int64 [d, K]: counts[t, c] = #{models voting c on input t}.
+  """
+  num_models, d = predictions.shape
+  # One bincount over (input, label) cells: no Python loop over inputs.
+  cell = predictions.astype(np.int64) + (
+      np.arange(d, dtype=np.int64) * num_classes)[None, :]
+  counts = np.bincount(cell.ravel(), minlength=d * num_classes)
+  return counts.reshape(d, num_classes).astype(np.int64)
+
+
+def _top_two(counts: np.ndarray, top: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """Count of the chosen top label and the largest count among the rest."""
+  rows = np.arange(counts.shape[0])
+  top_count = counts[rows, top]
+  others = counts.copy()
+  others[rows, top] = -1
+  return top_count, others.max(axis=1)
+
+
+# ---------------------------------------------------------------------------
+# Modes.
+
+
+def _certify_exact(counts, n, k):
+  """Exact mode: p's are counts / C(n, k); level per distinct gap."""
+  top = np.argmax(counts, axis=1)  # first maximum: ties toward smaller label
+  top_count, runner_up = _top_two(counts, top)
+  solver = _LevelSolver(n, k)
+  gap = top_count - runner_up
+  distinct, inverse = np.unique(gap, return_inverse=True)
+  table = np.array([solver.level(int(g)) for g in distinct], dtype=np.int64)
+  levels = table[inverse.reshape(-1)]
+  # A tie at the top has gap 0, which never certifies; stated for clarity.
+  labels = np.where((gap > 0) & (levels >= 0), top, ABSTAIN)
+  levels = np.where(labels >= 0, levels, NOT_CERTIFIED)
+  total = float(solver.total)  # == N, which fits in memory, so is exact
+  p_lower = top_count / total
+  p_upper = runner_up / total
+  return top, top_count, runner_up, labels, levels, p_lower, p_upper
+
+
+def monte_carlo_level_table(num_models: int, n: int, k: int,
+                            alpha_per_input: float
+                            ) -> tuple[np.ndarray, np.ndarray]:
+  """Level and bound for every possible top count N_y = 0..N.
+
+  Args:
+    num_models: N.
+    n: number of clients.
+    k: subsample size.
+    alpha_per_input: one-sided error level of each bound (alpha / d).
+
+  Returns:
+    (levels int64 [N + 1], p_lower float64 [N + 1]). levels[N_y] is -1 when
+    the input must abstain (p_lower <= 1 - p_lower).
+  """
+  n, k = _check_n_k(n, k)
+  p_lower = clopper_pearson_lower(np.arange(num_models + 1), num_models,
+                                  alpha_per_input)
+  solver = _LevelSolver(n, k)
+  total = solver.total
+  levels = np.full(num_models + 1, NOT_CERTIFIED, dtype=np.int64)
+  for n_y, p in enumerate(p_lower.tolist()):
+    pl = Fraction(p)  # exact value of the already-rounded-down float
+    if 2 * pl <= 1:  # p_lower <= p_upper = 1 - p_lower: ABSTAIN
+      continue
+    # floor((1 - pl) * C) == C - ceil(pl * C) since C is an integer.
+    gap = 2 * _ceil_times(pl, total) - total
+    levels[n_y] = solver.level(gap)
+  return levels, p_lower
+
+
+def _certify_monte_carlo(counts, n, k, alpha, num_models, seed):
+  """Algorithm 2: random tie-break, Clopper-Pearson, table lookup."""
+  d = counts.shape[0]
+  rng = np.random.default_rng(seed)
+  # Uniform random priority among the tied maxima of each input.
+  priority = rng.random(counts.shape)
+  is_max = counts == counts.max(axis=1, keepdims=True)
+  top = np.argmax(np.where(is_max, priority, -1.0), axis=1)
+  top_count, runner_up = _top_two(counts, top)
+  table, p_table = monte_carlo_level_table(num_models, n, k, alpha / d)
+  levels = table[top_count]
+  labels = np.where(levels >= 0, top, ABSTAIN)
+  p_lower = p_table[top_count]
+  return top, top_count, runner_up, labels, levels, p_lower, 1.0 - p_lower
+
+
+def _certify_partition(counts, num_models):
+  """Disjoint groups: m* = floor((N_y - max_{c != y}(N_c + [c < y])) / 2)."""
+  top = np.argmax(counts, axis=1)  # ties toward the smaller label
+  top_count, runner_up = _top_two(counts, top)
+  num_classes = counts.shape[1]
+  # A flipped model moves one vote; a tie is lost to a smaller label.
+  handicap = (np.arange(num_classes)[None, :] < top[:, None]).astype(np.int64)
+  rivals = counts + handicap
+  rivals[np.arange(counts.shape[0]), top] = np.iinfo(np.int64).min
+  margin = top_count - rivals.max(axis=1)  # >= 0 by choice of top
+  levels = (margin // 2).astype(np.int64)
+  return (top, top_count, runner_up, top.copy(), levels,
+          top_count / num_models, runner_up / num_models)
+
+
+def certify(predictions, *, num_classes: int, n: Optional[int] = None,
+            k: Optional[int] = None, alpha: Optional[float] = None,
+            mode: str = "monte_carlo", seed: int = 0) -> Certificate:
+  """Predicted labels and certified security levels of an ensemble.
+
+  Args:
+    predictions: int [N, d] (numpy or jax): label of each of the N global
+      models on each of the d test inputs, in [0, num_classes).
+    num_classes: number of labels, >= 2.
+    n: number of clients (exact and Monte Carlo modes).
+    k: subsample size, 1 <= k <= n (exact and Monte Carlo modes).
+    alpha: in (0, 1); the levels of all d inputs hold simultaneously with
+      probability >= 1 - alpha (Monte Carlo mode only).
+    mode: "exact" (N must be C(n, k): one model per subset), "monte_carlo"
+      (N independent subsets, Algorithm 2) or "partition" (N disjoint client
+      groups; n, k, alpha ignored).
+    seed: seeds the uniform tie-break among equal top counts (Monte Carlo).
+
+  Returns:
+    A `Certificate` with int64 [d] labels (-1 = ABSTAIN) and levels (-1 =
+    not certified).
+
+  Raises:
+    ValueError: on a malformed tensor, an unknown mode, or bad n, k, alpha.
+  """
+  if mode not in MODES:
+    raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+  preds, num_classes = _check_predictions(predictions, num_classes)
+  num_models = preds.shape[0]
+  if mode == "exact":
+    n, k = _check_n_k(n, k)
+    if num_models != math.comb(n, k):
+      raise ValueError(
+          f"exact mode needs one model per subset: N = {num_models} != "
+          f"C({n}, {k}) = {math.comb(n, k)}")
+    alpha = None
+  elif mode == "monte_carlo":
+    n, k = _check_n_k(n, k)
+    alpha = _check_alpha(alpha)
+  else:
+    n = k = alpha = None
+  counts = vote_counts(preds, num_classes)
+  if mode == "exact":
+    out = _certify_exact(counts, n, k)
+  elif mode == "monte_carlo":
+    out = _certify_monte_carlo(counts, n, k, alpha, num_models, seed)
+  else:
+    out = _certify_partition(counts, num_models)
+  top, top_count, runner_up, labels, levels, p_lower, p_upper = out
+  arrays = dict(
+      labels=np.asarray(labels, np.int64),
+      levels=np.asarray(levels, np.int64),
+      top_labels=np.asarray(top, np.int64),
+      counts=counts,
+      top_count=np.asarray(top_count, np.int64),
+      runner_up_count=np.asarray(runner_up, np.int64),
+      p_lower=np.asarray(p_lower, np.float64),
+      p_upper=np.asarray(p_upper, np.float64),
+  )
+  for a in arrays.values():
+    a.setflags(write=False)  # a frozen certificate should stay frozen
+  return Certificate(mode=mode, n=n, k=k, alpha=alpha, num_models=num_models,
+                     num_classes=num_classes, **arrays)
+
+
+def _check_alpha(alpha) -> float:
+  """alpha must be a real number strictly between 0 and 1."""
+  if alpha is None:
+    raise ValueError("alpha is required in monte_carlo mode")
+  if isinstance(alpha, (bool, np.bool_)) or not isinstance(
+      alpha, (numbers.Real, np.floating, np.integer)):
+    raise ValueError(f"alpha must be a number in (0, 1), got {alpha!r}")
+  alpha = float(alpha)
+  if not 0.0 < alpha < 1.0:  # NaN fails too
+    raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+  return alpha
+
+
+# ---------------------------------------------------------------------------
+# Metric.
+
+
+def certified_accuracy(certificate: Certificate, y_true,
+                       m_values: Sequence[int] | int) -> np.ndarray:
+  """CA@m = fraction of inputs predicted correctly with level >= m.
+
+  Args:
+    certificate: from `certify`, with d inputs.
+    y_true: int [d], the true labels.
+    m_values: int or int [M], numbers of malicious clients, each >= 0.
+
+  Returns:
+    float64 [M]. CA@0 is the plain accuracy with abstentions counted wrong.
+  """
+  y = np.asarray(y_true)
+  d = certificate.num_inputs
+  if y.ndim != 1 or y.shape[0] != d:
+    raise ValueError(
+        f"y_true must have shape ({d},) to match the certificate, got "
+        f"{y.shape}")
+  if not np.issubdtype(y.dtype, np.integer):
+    raise ValueError(f"y_true must have an integer dtype, got {y.dtype}")
+  m = np.atleast_1d(np.asarray(m_values))
+  if m.ndim != 1:
+    raise ValueError(f"m_values must be a scalar or 1-D, got shape {m.shape}")
+  if m.size and not np.issubdtype(m.dtype, np.integer):
+    if not np.issubdtype(m.dtype, np.floating) or not np.all(
+        np.isfinite(m) & (m == np.round(m))):
+      raise ValueError(f"m_values must be integers, got {m_values!r}")
+  if m.size and m.min() < 0:
+    raise ValueError(f"m_values must be >= 0, got {m_values!r}")
+  correct = (certificate.labels == y) & (certificate.labels >= 0)
+  # CA@m is a step function of m: count correct inputs with level >= m by
+  # sorting the levels once instead of an [M, d] comparison.
+  correct_levels = np.sort(certificate.levels[correct])
+  at_least = correct_levels.size - np.searchsorted(
+      correct_levels, m.astype(np.int64), side="left")
+  return (at_least / d).astype(np.float64)
