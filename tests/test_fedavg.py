@@ -1,0 +1,231 @@
+"""FedAvg against an independent NumPy implementation of SPEC §1."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ensemble_fl.clients import ClientData, pack_clients
+from ensemble_fl.fedavg import FedAvgConfig, fedavg, round_batch_indices
+
+NUM_FEATURES, NUM_CLASSES = 4, 3
+SIZES = [3, 5, 8, 4, 6, 2]
+
+
+@pytest.fixture(scope="module")
+def clients():
+  rng = np.random.default_rng(0)
+  xs = [rng.normal(size=(m, NUM_FEATURES)).astype(np.float32) for m in SIZES]
+  ys = [rng.integers(0, NUM_CLASSES, size=m) for m in SIZES]
+  return pack_clients(xs, ys)
+
+
+def linear_apply(params, x):
+  """Softmax regression: logits = x @ w + b."""
+  return x @ params["w"] + params["b"]
+
+
+def init_params(seed=0):
+  rng = np.random.default_rng(seed)
+  return {"w": (0.3 * rng.normal(size=(NUM_FEATURES, NUM_CLASSES))).astype(np.float32),
+          "b": (0.1 * rng.normal(size=(NUM_CLASSES,))).astype(np.float32)}
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_fedavg(config):
+  return jax.jit(lambda p, c, s, k: fedavg(linear_apply, p, c, s, k, config))
+
+
+# ---------------------------------------------------------- NumPy reference
+
+
+def np_grad(w, b, x, y):
+  """Gradient of the mean softmax cross-entropy of x @ w + b, float64."""
+  z = x @ w + b
+  z = z - z.max(axis=1, keepdims=True)
+  p = np.exp(z)
+  p /= p.sum(axis=1, keepdims=True)
+  p[np.arange(len(y)), y] -= 1.0
+  p /= len(y)
+  return x.T @ p, p.sum(axis=0)
+
+
+def np_fedavg(params, clients, subset, key, config):
+  """SPEC §1 with the server step w <- w + server_lr * Agg(Delta), float64.
+
+  Only the minibatch *indices* come from the library (round_batch_indices,
+  whose own properties are tested separately); all arithmetic is NumPy's.
+  """
+  w = params["w"].astype(np.float64)
+  b = params["b"].astype(np.float64)
+  real = [int(c) for c in subset if c >= 0]
+  x_all = np.asarray(clients.x, np.float64)
+  y_all = np.asarray(clients.y)
+  sizes = np.asarray(clients.sizes)
+  for t in range(config.global_iters):
+    idx = np.asarray(round_batch_indices(
+        jnp.asarray(key), t, jnp.asarray(real, jnp.int32), jnp.asarray(sizes[real]),
+        config.local_iters, config.batch_size))
+    deltas_w, deltas_b = [], []
+    for j, c in enumerate(real):
+      wi, bi = w.copy(), b.copy()
+      for step in range(config.local_iters):
+        rows = idx[j, step]
+        assert rows.max() < sizes[c]
+        gw, gb = np_grad(wi, bi, x_all[c, rows], y_all[c, rows])
+        wi -= config.lr * gw
+        bi -= config.lr * gb
+      deltas_w.append(wi - w)
+      deltas_b.append(bi - b)
+    dw, db = np.stack(deltas_w), np.stack(deltas_b)
+    if config.aggregator == "mean":
+      wt = sizes[real].astype(np.float64)
+      agg_w = np.tensordot(wt, dw, axes=1) / wt.sum()
+      agg_b = wt @ db / wt.sum()
+    elif config.aggregator == "median":
+      agg_w, agg_b = np.median(dw, axis=0), np.median(db, axis=0)
+    else:
+      raise NotImplementedError(config.aggregator)
+    w = w + config.server_lr * agg_w
+    b = b + config.server_lr * agg_b
+  return {"w": w, "b": b}
+
+
+# -------------------------------------------------------------------- tests
+
+
+# Compiling is the slow part of these tests: every subset has width 4 and the
+# configs are shared between tests, so each config compiles once.
+ONE_ROUND = FedAvgConfig(global_iters=1, local_iters=1, lr=0.5, batch_size=4)
+ROUNDS = FedAvgConfig(global_iters=3, local_iters=2, lr=0.3, batch_size=5, server_lr=0.7)
+MEDIAN = FedAvgConfig(global_iters=2, local_iters=3, lr=0.3, batch_size=3, aggregator="median")
+
+
+@pytest.mark.parametrize("config", [ONE_ROUND, ROUNDS, MEDIAN],
+                         ids=["1round", "3rounds_server_lr", "median"])
+@pytest.mark.parametrize("subset", [[0, 2, 3, 4], [1, 4, 5, 2], [5, 1, -1, -1]],
+                         ids=["sorted", "unsorted", "padded"])
+def test_matches_numpy_reference(clients, config, subset):
+  params = init_params()
+  key = jax.random.PRNGKey(42)
+  got = jitted_fedavg(config)(params, clients, np.array(subset, np.int32), key)
+  want = np_fedavg(params, clients, subset, key, config)
+  for name in params:
+    np.testing.assert_allclose(got[name], want[name], rtol=2e-5, atol=2e-6)
+  # The reference must be a real check: training moved the parameters.
+  assert np.max(np.abs(want["w"] - params["w"])) > 1e-3
+
+
+def test_server_step_moves_forward(clients):
+  """Standard FedAvg direction: many rounds on one client lower its loss."""
+  params = init_params()
+  subset = np.array([2, -1, -1, -1], np.int32)
+  trained = jitted_fedavg(ROUNDS)(params, clients, subset, jax.random.PRNGKey(0))
+
+  def loss(p):
+    x, y = clients.x[2, :8], clients.y[2, :8]
+    w, b = np.asarray(p["w"], np.float64), np.asarray(p["b"], np.float64)
+    z = x @ w + b
+    z -= z.max(1, keepdims=True)
+    return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(8), y]))
+
+  assert loss(trained) < 0.8 * loss(params)
+
+
+# mean and median with padding are checked against NumPy above.
+@pytest.mark.parametrize("aggregator,extra", [
+    ("trimmed_mean", {"trim_beta": 0.2}), ("krum", {"krum_f": 0}),
+])
+def test_padding_slots_do_not_change_the_result(clients, aggregator, extra):
+  config = FedAvgConfig(global_iters=2, local_iters=2, lr=0.3, batch_size=4,
+                        aggregator=aggregator, **extra)
+  params = init_params(1)
+  key = jax.random.PRNGKey(3)
+  f = jitted_fedavg(config)
+  plain = f(params, clients, np.array([0, 3, 4], np.int32), key)
+  padded = f(params, clients, np.array([0, 3, 4, -1, -1], np.int32), key)
+  for name in params:
+    np.testing.assert_allclose(padded[name], plain[name], rtol=1e-6, atol=1e-7)
+
+
+def test_padding_rows_of_clients_are_never_read(clients):
+  # NaN in every padding row: any out-of-range gather would poison the model.
+  x = np.array(clients.x)
+  for i, m in enumerate(SIZES):
+    x[i, m:] = np.nan
+  poisoned = ClientData(x, clients.y, clients.sizes)
+  out = jitted_fedavg(ROUNDS)(init_params(), poisoned, np.array([0, 5, 3, 1], np.int32),
+                              jax.random.PRNGKey(1))
+  assert all(np.all(np.isfinite(v)) for v in out.values())
+
+
+def test_batch_indices_in_range_and_keyed_by_client_id():
+  key = jax.random.PRNGKey(5)
+  ids = jnp.array([4, 1, 7], jnp.int32)
+  sizes = jnp.array([3, 1, 9], jnp.int32)
+  idx = np.asarray(round_batch_indices(key, 2, ids, sizes, 4, 500))
+  assert idx.shape == (3, 4, 500) and idx.dtype == np.int32
+  for j, m in enumerate([3, 1, 9]):
+    # With replacement and 2000 draws, every row index appears; none beyond.
+    assert set(np.unique(idx[j]).tolist()) == set(range(m))
+  # The draw of a client depends on its id, round and key, not on its slot.
+  perm = np.asarray(round_batch_indices(key, 2, ids[::-1], sizes[::-1], 4, 500))
+  np.testing.assert_array_equal(perm, idx[::-1])
+  other_round = np.asarray(round_batch_indices(key, 3, ids, sizes, 4, 500))
+  assert not np.array_equal(other_round[2], idx[2])
+
+
+def test_batch_indices_roughly_uniform():
+  idx = np.asarray(round_batch_indices(jax.random.PRNGKey(0), 0, jnp.array([0]),
+                                       jnp.array([5]), 10, 2000))
+  counts = np.bincount(idx.ravel(), minlength=5)
+  expected = idx.size / 5
+  assert np.all(np.abs(counts - expected) < 5 * np.sqrt(expected))
+
+
+def test_same_key_same_model_different_key_different_model(clients):
+  f = jitted_fedavg(ROUNDS)
+  s = np.array([0, 1, 2, -1], np.int32)
+  a = f(init_params(), clients, s, jax.random.PRNGKey(0))
+  b = f(init_params(), clients, s, jax.random.PRNGKey(0))
+  c = f(init_params(), clients, s, jax.random.PRNGKey(1))
+  np.testing.assert_array_equal(a["w"], b["w"])
+  assert not np.allclose(a["w"], c["w"])
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("global_iters", 0, "global_iters"),
+    ("global_iters", 2.0, "global_iters"),
+    ("local_iters", -1, "local_iters"),
+    ("batch_size", 0, "batch_size"),
+    ("batch_size", True, "batch_size"),
+    ("lr", 0.0, "lr"),
+    ("lr", float("nan"), "lr"),
+    ("server_lr", -1.0, "server_lr"),
+    ("aggregator", "avg", "aggregator"),
+    ("trim_beta", 0.5, "trim_beta"),
+    ("trim_beta", -0.01, "trim_beta"),
+    ("krum_f", -1, "krum_f"),
+])
+def test_config_validation(field, value, match):
+  kwargs = dict(global_iters=1, local_iters=1, lr=0.1, batch_size=2)
+  kwargs[field] = value
+  with pytest.raises(ValueError, match=match):
+    FedAvgConfig(**kwargs)
+
+
+def test_config_is_hashable_and_frozen():
+  config = FedAvgConfig(global_iters=1, local_iters=1, lr=0.1, batch_size=2)
+  assert hash(config) == hash(FedAvgConfig(global_iters=1, local_iters=1, lr=0.1, batch_size=2))
+  with pytest.raises(Exception):
+    config.lr = 0.2
+
+
+def test_krum_with_too_small_subset_raises(clients):
+  config = FedAvgConfig(global_iters=1, local_iters=1, lr=0.1, batch_size=2,
+                        aggregator="krum", krum_f=1)
+  with pytest.raises(ValueError, match="krum"):
+    fedavg(linear_apply, init_params(), clients, np.array([0, 1, 2, 3], np.int32),
+           jax.random.PRNGKey(0), config)
