@@ -1,0 +1,410 @@
+"""The ensemble: subsample plans, batched training of all models, prediction.
+
+A :class:`SubsamplePlan` lists the client subset and PRNG key of every model.
+:func:`train_ensemble` trains all of them with the pure
+:func:`~ensemble_fl.fedavg.fedavg`, ``vmap``-ed over a chunk of models and
+compiled once; each chunk's model axis is sharded over every available device
+(``jax.sharding``), the last chunk padded to full size so there is a single
+program. :func:`predict` evaluates the stacked models the same way.
+
+Keys. A model's key ``K`` yields its init key ``fold_in(K, 0)`` and its
+training key ``fold_in(K, 1)``.
+
+- exact / partition: ``K = fold_in(... fold_in(PRNGKey(seed), i_1) ..., i_s)``
+  over the subset's *sorted* real ids, so a subset always yields the same model
+  whatever else is in the plan or in the data (the theorem's "A is a function
+  of the subset").
+- monte_carlo: model ``j``'s subset is drawn with ``fold_in(fold_in(PRNGKey(
+  seed), 0), j)`` and its key is ``fold_in(fold_in(PRNGKey(seed), 1), j)``:
+  independent across models, and the first N models of a plan do not depend
+  on N (a plan with N=100 is a prefix of the one with N=500).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ensemble_fl import fedavg as fedavg_lib
+from ensemble_fl.clients import ClientData, validate_clients
+
+PyTree = Any
+
+MODES = ("exact", "monte_carlo", "partition")
+MAX_EXACT_MODELS = 1_000_000
+DEFAULT_CHUNK_SIZE = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class SubsamplePlan:
+  """Which clients and which key each of the N models gets.
+
+  Attributes:
+    mode: "exact" | "monte_carlo" | "partition".
+    subsets: int32 ``[N, s]`` client ids, sorted ascending within a row with
+      ``-1`` pads at the end (partition only).
+    keys: uint32 ``[N, 2]``, raw (threefry) PRNG key data of each model.
+    n: number of clients.
+    k: subsample size (None in partition mode).
+  """
+
+  mode: str
+  subsets: np.ndarray
+  keys: np.ndarray
+  n: int
+  k: int | None
+
+  @property
+  def num_models(self) -> int:
+    return int(self.subsets.shape[0])
+
+
+@jax.jit
+def _subset_keys(root: jax.Array, subsets: jax.Array) -> jax.Array:
+  """uint32 ``[N, 2]``: fold every real id of each sorted row into ``root``."""
+
+  def one(row):
+    def fold(key, cid):
+      return jnp.where(cid >= 0, jax.random.fold_in(key, cid), key), None
+
+    key, _ = jax.lax.scan(fold, root, row)
+    return key
+
+  return jax.vmap(one)(subsets)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _monte_carlo_draws(root: jax.Array, n: int, k: int, num: int):
+  """Model j: k ids without replacement with ``fold_in(fold_in(root, 0), j)``;
+  key ``fold_in(fold_in(root, 1), j)``. Returns (int32 [num, k], uint32 [num, 2])."""
+  subset_root = jax.random.fold_in(root, 0)
+  key_root = jax.random.fold_in(root, 1)
+
+  def draw(j):
+    ids = jax.random.choice(jax.random.fold_in(subset_root, j), n, (k,), replace=False)
+    return ids.astype(jnp.int32), jax.random.fold_in(key_root, j)
+
+  return jax.vmap(draw)(jnp.arange(num))
+
+
+def _root_key(seed: int) -> jax.Array:
+  # Raw threefry key data whatever the default PRNG implementation is.
+  return jax.random.key_data(jax.random.key(seed, impl="threefry2x32"))
+
+
+def _check_pos_int(name: str, value: Any) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  return int(value)
+
+
+def partition_hash(client_ids: np.ndarray, seed: int) -> np.ndarray:
+  """uint64 hash of ``(seed, id)``: the splitmix64 finaliser of ``seed * 2^32 + id``.
+
+  Used to order clients for partition mode. Depends only on the id and the
+  seed, never on any data.
+  """
+  with np.errstate(over="ignore"):
+    z = (np.uint64(seed & 0xFFFFFFFF) << np.uint64(32)) + np.asarray(client_ids, np.uint64)
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def make_plan(mode: str, *, n: int, k: int | None = None, num_models: int | None = None,
+              seed: int = 0) -> SubsamplePlan:
+  """Builds the subsets and keys of every model.
+
+  Args:
+    mode:
+      "exact": every k-subset of ``range(n)`` once, lexicographic order;
+        ``N = C(n, k)`` (at most ``MAX_EXACT_MODELS``); ``num_models``, if
+        given, must be >= C(n, k) and is otherwise ignored.
+      "monte_carlo": ``num_models`` subsets, each k distinct ids drawn
+        uniformly without replacement, independently (subsets may recur).
+      "partition": ``num_models`` disjoint groups covering all n clients.
+        Clients are sorted by :func:`partition_hash` and dealt round-robin,
+        so group sizes differ by at most one; needs ``num_models <= n``.
+    n: number of clients, >= 1.
+    k: subsample size in ``[1, n]`` (exact, monte_carlo).
+    num_models: N (monte_carlo, partition).
+    seed: integer seed; everything is a deterministic function of it.
+
+  Returns:
+    :class:`SubsamplePlan`.
+
+  Raises:
+    ValueError: unknown mode, k outside [1, n], N < 1, too many exact subsets,
+      or more partition groups than clients.
+  """
+  n = _check_pos_int("n", n)
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    raise ValueError(f"seed must be an integer, got {seed!r}")
+  seed = int(seed)
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  root = _root_key(seed)
+
+  if mode in ("exact", "monte_carlo"):
+    if k is None:
+      raise ValueError(f"k is required in {mode} mode")
+    k = _check_pos_int("k", k)
+    if k > n:
+      raise ValueError(f"k = {k} exceeds the number of clients n = {n}")
+
+  if mode == "exact":
+    total = math.comb(n, k)
+    if total > MAX_EXACT_MODELS:
+      raise ValueError(
+          f"exact mode would train C({n}, {k}) = {total} models (cap {MAX_EXACT_MODELS}); "
+          "use monte_carlo")
+    if num_models is not None and _check_pos_int("num_models", num_models) < total:
+      raise ValueError(
+          f"exact mode trains all C({n}, {k}) = {total} subsets but num_models = {num_models}; "
+          "use monte_carlo for fewer models")
+    subsets = _all_combinations(n, k)
+    keys = np.asarray(_subset_keys(root, jnp.asarray(subsets)))
+    return SubsamplePlan("exact", subsets, keys.astype(np.uint32), n, k)
+
+  if num_models is None:
+    raise ValueError(f"num_models is required in {mode} mode")
+  num = _check_pos_int("num_models", num_models)
+
+  if mode == "monte_carlo":
+    subsets, keys = _monte_carlo_draws(root, n, k, num)
+    subsets = np.sort(np.asarray(subsets), axis=1).astype(np.int32)
+    keys = np.asarray(keys)
+    return SubsamplePlan("monte_carlo", subsets, keys.astype(np.uint32), n, k)
+
+  # partition
+  if num > n:
+    raise ValueError(
+        f"partition mode needs num_models <= n so every group is non-empty; got {num} > {n}")
+  order = np.argsort(partition_hash(np.arange(n), seed), kind="stable")
+  width = -(-n // num)
+  subsets = np.full((num, width), -1, np.int32)
+  for g in range(num):
+    members = np.sort(order[g::num])
+    subsets[g, : members.size] = members
+  keys = np.asarray(_subset_keys(root, jnp.asarray(subsets)))
+  return SubsamplePlan("partition", subsets, keys.astype(np.uint32), n, None)
+
+
+def _all_combinations(n: int, k: int) -> np.ndarray:
+  """int32 ``[C(n, k), k]``: every k-subset of ``range(n)``, lexicographic."""
+  total = math.comb(n, k)
+  out = np.fromiter(itertools.chain.from_iterable(itertools.combinations(range(n), k)),
+                    dtype=np.int32, count=total * k)
+  return out.reshape(total, k)
+
+
+# --------------------------------------------------------------------------
+# Training
+
+
+def _mesh() -> Mesh:
+  return Mesh(np.asarray(jax.devices()), ("models",))
+
+
+def _round_chunk(chunk_size: int | None, num_models: int, num_devices: int) -> int:
+  """Chunk size: requested (or default), capped by N, rounded up to the devices."""
+  c = DEFAULT_CHUNK_SIZE if chunk_size is None else _check_pos_int("chunk_size", chunk_size)
+  c = min(c, num_models)
+  return -(-c // num_devices) * num_devices
+
+
+def _pad_rows(a: np.ndarray, size: int) -> np.ndarray:
+  """Pads axis 0 to ``size`` by repeating row 0 (valid inputs, result discarded)."""
+  if a.shape[0] == size:
+    return a
+  reps = np.repeat(a[:1], size - a.shape[0], axis=0)
+  return np.concatenate([a, reps], axis=0)
+
+
+def model_keys(raw_key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Splits a model's raw key uint32 ``[2]`` into (init key, training key).
+
+  Both are raw threefry keys uint32 ``[2]``: ``fold_in(K, 0)`` and
+  ``fold_in(K, 1)``.
+  """
+  key = jax.random.wrap_key_data(jnp.asarray(raw_key, jnp.uint32), impl="threefry2x32")
+  return (jax.random.key_data(jax.random.fold_in(key, 0)),
+          jax.random.key_data(jax.random.fold_in(key, 1)))
+
+
+def _train_chunk_impl(init_fn, apply_fn, config, out_sharding, keys, subsets, x, y, sizes):
+  clients = ClientData(x, y, sizes)
+
+  def one(raw_key, subset):
+    init_key, train_key = model_keys(raw_key)
+    return fedavg_lib.fedavg(apply_fn, init_fn(init_key), clients, subset, train_key, config)
+
+  params = jax.vmap(one)(keys, subsets)
+  return jax.tree_util.tree_map(
+      lambda p: jax.lax.with_sharding_constraint(p, out_sharding), params)
+
+
+_train_chunk = jax.jit(_train_chunk_impl, static_argnums=(0, 1, 2, 3))
+
+
+def _validate_plan(plan: SubsamplePlan, n: int, config: fedavg_lib.FedAvgConfig) -> None:
+  subsets = np.asarray(plan.subsets)
+  keys = np.asarray(plan.keys)
+  if subsets.ndim != 2 or subsets.shape[0] < 1 or subsets.shape[1] < 1:
+    raise ValueError(f"plan.subsets must be int [N, s] with N, s >= 1, got shape {subsets.shape}")
+  if keys.shape != (subsets.shape[0], 2):
+    raise ValueError(f"plan.keys has shape {keys.shape}, expected ({subsets.shape[0]}, 2)")
+  if plan.n != n:
+    raise ValueError(f"plan was made for n = {plan.n} clients but clients has {n}")
+  if np.any(subsets >= n) or np.any(subsets < -1):
+    raise ValueError(f"plan.subsets has ids outside [0, {n}) (and -1 pads)")
+  real = np.sum(subsets >= 0, axis=1)
+  if np.any(real < config.min_clients()):
+    bad = int(np.argmin(real))
+    raise ValueError(
+        f"model {bad} has {int(real[bad])} clients; aggregator {config.aggregator!r} "
+        f"needs at least {config.min_clients()}")
+
+
+def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.ApplyFn,
+                   clients: ClientData, plan: SubsamplePlan, config: fedavg_lib.FedAvgConfig,
+                   *, chunk_size: int | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> PyTree:
+  """Trains one FedAvg global model per plan row.
+
+  Args:
+    init_fn: ``init_fn(key uint32 [2]) -> params``, e.g.
+      ``lambda key: model.init(key, x_sample)``.
+    apply_fn: ``apply_fn(params, x) -> logits``, e.g. ``model.apply``.
+    clients: :class:`ClientData` of ``plan.n`` clients (validated).
+    plan: :class:`SubsamplePlan`.
+    config: :class:`~ensemble_fl.fedavg.FedAvgConfig`.
+    chunk_size: models trained per compiled call (bounds memory; default
+      ``DEFAULT_CHUNK_SIZE``), capped at N and rounded up to a multiple of the
+      device count. Results do not depend on it beyond float rounding.
+    progress: called as ``progress(models_done, models_total)`` after each chunk.
+
+  Returns:
+    Host numpy params pytree; every leaf has a leading model axis ``N``.
+
+  Raises:
+    ValueError: bad clients (see ``validate_clients``), plan/clients mismatch,
+      subsets too small for the aggregator.
+  """
+  if not isinstance(config, fedavg_lib.FedAvgConfig):
+    raise ValueError(f"config must be a FedAvgConfig, got {type(config).__name__}")
+  validate_clients(clients)
+  n = clients.num_clients
+  _validate_plan(plan, n, config)
+
+  mesh = _mesh()
+  num_devices = mesh.devices.size
+  model_sharding = NamedSharding(mesh, PartitionSpec("models"))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  total = plan.num_models
+  chunk = _round_chunk(chunk_size, total, num_devices)
+
+  # Placed once for the whole run, replicated: every model of every chunk reads it.
+  x = jax.device_put(np.asarray(clients.x, np.float32), replicated)
+  y = jax.device_put(np.asarray(clients.y, np.int32), replicated)
+  sizes = jax.device_put(np.asarray(clients.sizes, np.int32), replicated)
+  subsets_all = np.asarray(plan.subsets, np.int32)
+  keys_all = np.asarray(plan.keys, np.uint32)
+
+  def launch(start):
+    stop = min(start + chunk, total)
+    keys = jax.device_put(_pad_rows(keys_all[start:stop], chunk), model_sharding)
+    subsets = jax.device_put(_pad_rows(subsets_all[start:stop], chunk), model_sharding)
+    out = _train_chunk(init_fn, apply_fn, config, model_sharding, keys, subsets, x, y, sizes)
+    return stop - start, out
+
+  results = []
+  done = 0
+  pending = launch(0)
+  for start in range(chunk, total + chunk, chunk):
+    # Dispatch the next chunk before fetching this one: the device never
+    # waits on the host copy.
+    nxt = launch(start) if start < total else None
+    count, out = pending
+    host = jax.tree_util.tree_map(lambda a, c=count: np.asarray(a)[:c], out)
+    results.append(host)
+    done += count
+    if progress is not None:
+      progress(done, total)
+    pending = nxt
+  return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=0), *results)
+
+
+# --------------------------------------------------------------------------
+# Prediction
+
+
+def _predict_chunk_impl(apply_fn, params, xb):
+  logits = jax.vmap(apply_fn, in_axes=(0, None))(params, xb)
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+_predict_chunk = jax.jit(_predict_chunk_impl, static_argnums=(0,))
+
+
+def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray, *,
+            chunk_size: int | None = None, batch_size: int = 1024) -> np.ndarray:
+  """Every model's predicted label for every input.
+
+  Args:
+    apply_fn: ``apply_fn(params, x [B, ...]) -> logits [B, C]``.
+    stacked_params: params pytree, every leaf with leading model axis N.
+    x: float ``[d, *feature_shape]``, finite.
+    chunk_size: models per compiled call (default ``DEFAULT_CHUNK_SIZE``),
+      rounded up to a multiple of the device count.
+    batch_size: inputs per compiled call.
+
+  Returns:
+    int32 ``[N, d]``: argmax label of model i on input t.
+
+  Raises:
+    ValueError: no models, inconsistent model axis, empty or non-finite x.
+  """
+  leaves = jax.tree_util.tree_leaves(stacked_params)
+  if not leaves:
+    raise ValueError("stacked_params is empty")
+  total = int(np.shape(leaves[0])[0]) if np.ndim(leaves[0]) else 0
+  if total < 1 or any(np.ndim(l) < 1 or np.shape(l)[0] != total for l in leaves):
+    raise ValueError("every leaf of stacked_params needs the same leading model axis N >= 1")
+  x = np.asarray(x)
+  if x.ndim < 1 or x.shape[0] == 0:
+    raise ValueError(f"x must be [d, ...] with d >= 1, got shape {x.shape}")
+  if not np.issubdtype(x.dtype, np.number) or not np.all(np.isfinite(x)):
+    raise ValueError("x contains NaN or inf")
+  batch_size = _check_pos_int("batch_size", batch_size)
+  x = x.astype(np.float32)
+  d = x.shape[0]
+
+  mesh = _mesh()
+  model_sharding = NamedSharding(mesh, PartitionSpec("models"))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  chunk = _round_chunk(chunk_size, total, mesh.devices.size)
+  bs = min(batch_size, d)
+  num_batches = -(-d // bs)
+  x_pad = np.concatenate([x, np.repeat(x[:1], num_batches * bs - d, axis=0)], axis=0)
+  x_dev = [jax.device_put(x_pad[b * bs:(b + 1) * bs], replicated) for b in range(num_batches)]
+
+  out = np.empty((total, d), np.int32)
+  for start in range(0, total, chunk):
+    stop = min(start + chunk, total)
+    params = jax.tree_util.tree_map(
+        lambda l: jax.device_put(_pad_rows(np.asarray(l[start:stop]), chunk), model_sharding),
+        stacked_params)
+    labels = [_predict_chunk(apply_fn, params, xb) for xb in x_dev]
+    labels = np.concatenate([np.asarray(l) for l in labels], axis=1)
+    out[start:stop] = labels[: stop - start, :d]
+  return out

@@ -1,0 +1,328 @@
+"""Plans, batched ensemble training and prediction."""
+
+import itertools
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from ensemble_fl import ensemble
+from ensemble_fl.clients import ClientData, pack_clients
+from ensemble_fl.fedavg import FedAvgConfig, fedavg
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_FEATURES, NUM_CLASSES = 4, 3
+SIZES = [3, 5, 8, 4, 6, 2]
+CONFIG = FedAvgConfig(global_iters=3, local_iters=2, lr=0.3, batch_size=4)
+
+
+class TinyMLP(nn.Module):
+  """Any Flax model works; this one is small enough to compile quickly."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(NUM_CLASSES)(nn.relu(nn.Dense(5)(x)))
+
+
+MODEL = TinyMLP()
+
+
+def init_fn(key):
+  return MODEL.init(key, np.zeros((1, NUM_FEATURES), np.float32))
+
+
+# One function object for the whole module, so jit caches hit across tests.
+apply_fn = MODEL.apply
+
+
+def make_clients(seed=0, sizes=SIZES):
+  rng = np.random.default_rng(seed)
+  xs = [rng.normal(size=(m, NUM_FEATURES)).astype(np.float32) for m in sizes]
+  ys = [rng.integers(0, NUM_CLASSES, size=m) for m in sizes]
+  return pack_clients(xs, ys)
+
+
+@pytest.fixture(scope="module")
+def clients():
+  return make_clients()
+
+
+@pytest.fixture(scope="module")
+def mc_plan():
+  return ensemble.make_plan("monte_carlo", n=6, k=3, num_models=7, seed=3)
+
+
+@pytest.fixture(scope="module")
+def mc_params(clients, mc_plan):
+  calls = []
+  params = ensemble.train_ensemble(init_fn, apply_fn, clients, mc_plan, CONFIG, chunk_size=3,
+                                   progress=lambda done, total: calls.append((done, total)))
+  assert calls == [(3, 7), (6, 7), (7, 7)]
+  return params
+
+
+def leaves(tree):
+  return jax.tree_util.tree_leaves(tree)
+
+
+_sequential_fedavg = jax.jit(lambda p, c, s, k: fedavg(apply_fn, p, c, s, k, CONFIG))
+
+
+def sequential_reference(clients, plan):
+  """Each model on its own: the same pure fedavg, jitted, called once per model."""
+  out = []
+  for subset, raw_key in zip(plan.subsets, plan.keys):
+    init_key, train_key = ensemble.model_keys(raw_key)
+    out.append(_sequential_fedavg(init_fn(init_key), clients, subset, train_key))
+  return jax.tree_util.tree_map(lambda *xs: np.stack(xs), *out)
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+  for x, y in zip(leaves(a), leaves(b)):
+    assert x.shape == y.shape
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+
+
+# ---------------------------------------------------------------------- plans
+
+
+@pytest.mark.parametrize("n,k", [(5, 2), (6, 3), (4, 4), (7, 1)])
+def test_exact_plan_covers_every_subset_once_in_order(n, k):
+  plan = ensemble.make_plan("exact", n=n, k=k, seed=1)
+  want = list(itertools.combinations(range(n), k))
+  assert plan.subsets.dtype == np.int32 and plan.keys.dtype == np.uint32
+  assert [tuple(r) for r in plan.subsets.tolist()] == want
+  assert plan.num_models == math.comb(n, k) and plan.keys.shape == (len(want), 2)
+  assert len({tuple(key) for key in plan.keys.tolist()}) == len(want)
+
+
+def test_exact_key_is_a_function_of_the_subset_only():
+  small = ensemble.make_plan("exact", n=5, k=2, seed=9)
+  large = ensemble.make_plan("exact", n=8, k=2, seed=9)
+  big_index = {tuple(s): key for s, key in zip(large.subsets.tolist(), large.keys.tolist())}
+  for s, key in zip(small.subsets.tolist(), small.keys.tolist()):
+    assert big_index[tuple(s)] == key
+  # And it is the documented fold_in chain over the sorted ids.
+  root = jax.random.PRNGKey(9)
+  for cid in small.subsets[4]:
+    root = jax.random.fold_in(root, int(cid))
+  np.testing.assert_array_equal(small.keys[4], np.asarray(root))
+  other_seed = ensemble.make_plan("exact", n=5, k=2, seed=10)
+  assert not np.array_equal(other_seed.keys, small.keys)
+
+
+def test_monte_carlo_plan():
+  plan = ensemble.make_plan("monte_carlo", n=20, k=5, num_models=300, seed=4)
+  assert plan.subsets.shape == (300, 5) and plan.keys.shape == (300, 2)
+  assert np.all((plan.subsets >= 0) & (plan.subsets < 20))
+  assert all(len(set(row)) == 5 for row in plan.subsets.tolist())
+  assert np.all(np.diff(plan.subsets, axis=1) > 0)  # sorted, distinct
+  assert len({tuple(key) for key in plan.keys.tolist()}) == 300
+  # Uniform-ish: every client appears about 300 * 5 / 20 = 75 times.
+  counts = np.bincount(plan.subsets.ravel(), minlength=20)
+  assert counts.min() > 40 and counts.max() < 115
+  again = ensemble.make_plan("monte_carlo", n=20, k=5, num_models=300, seed=4)
+  np.testing.assert_array_equal(again.subsets, plan.subsets)
+  np.testing.assert_array_equal(again.keys, plan.keys)
+  prefix = ensemble.make_plan("monte_carlo", n=20, k=5, num_models=100, seed=4)
+  np.testing.assert_array_equal(prefix.subsets, plan.subsets[:100])
+  np.testing.assert_array_equal(prefix.keys, plan.keys[:100])
+  other = ensemble.make_plan("monte_carlo", n=20, k=5, num_models=300, seed=5)
+  assert not np.array_equal(other.subsets, plan.subsets)
+
+
+def test_monte_carlo_subsets_recur_when_space_is_small():
+  # Independent draws: with C(4,2) = 6 subsets and 50 models, repeats are certain.
+  plan = ensemble.make_plan("monte_carlo", n=4, k=2, num_models=50, seed=0)
+  assert len({tuple(r) for r in plan.subsets.tolist()}) <= 6
+
+
+@pytest.mark.parametrize("n,num", [(10, 3), (6, 6), (7, 1), (1000, 500)])
+def test_partition_plan(n, num):
+  plan = ensemble.make_plan("partition", n=n, num_models=num, seed=2)
+  assert plan.k is None and plan.subsets.shape == (num, -(-n // num))
+  real = plan.subsets[plan.subsets >= 0]
+  assert sorted(real.tolist()) == list(range(n))  # disjoint and covering
+  sizes = np.sum(plan.subsets >= 0, axis=1)
+  assert sizes.min() >= 1 and sizes.max() - sizes.min() <= 1
+  for row, m in zip(plan.subsets, sizes):
+    assert np.all(row[m:] == -1) and np.all(np.diff(row[:m]) > 0)
+  again = ensemble.make_plan("partition", n=n, num_models=num, seed=2)
+  np.testing.assert_array_equal(again.subsets, plan.subsets)
+  np.testing.assert_array_equal(again.keys, plan.keys)
+  if 1 < num < n:
+    other = ensemble.make_plan("partition", n=n, num_models=num, seed=3)
+    assert not np.array_equal(other.subsets, plan.subsets)
+
+
+def test_partition_hash_is_the_documented_splitmix64():
+  # splitmix64 of 0 (seed 0, id 0) is a published constant.
+  assert int(ensemble.partition_hash(np.array([0]), 0)[0]) == 0xE220A8397B1DCDAF
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(mode="exact", n=5, k=6), "exceeds"),
+    (dict(mode="monte_carlo", n=5, k=6, num_models=3), "exceeds"),
+    (dict(mode="exact", n=5, k=0), "k must be"),
+    (dict(mode="monte_carlo", n=5, k=2, num_models=0), "num_models"),
+    (dict(mode="monte_carlo", n=5, k=2), "num_models"),
+    (dict(mode="exact", n=5), "k is required"),
+    (dict(mode="exact", n=5, k=2, num_models=4), "num_models"),
+    (dict(mode="exact", n=1000, k=10), "monte_carlo"),
+    (dict(mode="partition", n=3, num_models=4), "non-empty"),
+    (dict(mode="bagging", n=5, k=2), "mode"),
+    (dict(mode="exact", n=0, k=1), "n must be"),
+])
+def test_make_plan_rejects_bad_arguments(kwargs, match):
+  mode = kwargs.pop("mode")
+  with pytest.raises(ValueError, match=match):
+    ensemble.make_plan(mode, **kwargs)
+
+
+# ------------------------------------------------------------------- training
+
+
+def test_ensemble_equals_sequential_reference(clients, mc_plan, mc_params):
+  assert all(leaf.shape[0] == 7 and isinstance(leaf, np.ndarray) for leaf in leaves(mc_params))
+  assert_trees_close(mc_params, sequential_reference(clients, mc_plan))
+  # Models really differ from each other (keys are used, nothing is broadcast).
+  kernel = leaves(mc_params)[0]
+  assert not np.allclose(kernel[0], kernel[1])
+
+
+def test_partition_with_padding_equals_sequential_reference(clients):
+  plan = ensemble.make_plan("partition", n=6, num_models=4, seed=1)
+  assert np.any(plan.subsets == -1)
+  params = ensemble.train_ensemble(init_fn, apply_fn, clients, plan, CONFIG, chunk_size=4)
+  assert_trees_close(params, sequential_reference(clients, plan))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 100])  # 100 is capped at N = 7
+def test_chunk_size_does_not_change_results(clients, mc_plan, mc_params, chunk_size):
+  params = ensemble.train_ensemble(init_fn, apply_fn, clients, mc_plan, CONFIG,
+                                   chunk_size=chunk_size)
+  assert_trees_close(params, mc_params)
+
+
+def test_exact_mode_model_ignores_data_outside_its_subset():
+  config = CONFIG
+  base = make_clients(0)
+  plan = ensemble.make_plan("exact", n=6, k=2, seed=0)
+  # chunk_size 4 as in the partition test: same program, compiled once.
+  before = ensemble.train_ensemble(init_fn, apply_fn, base, plan, config, chunk_size=4)
+  # "Attack" clients 4 and 5: new features and flipped labels (same padded shape).
+  x, y = np.array(base.x), np.array(base.y)
+  rng = np.random.default_rng(99)
+  x[4:] = 10 * rng.normal(size=x[4:].shape)
+  y[4:] = (y[4:] + 1) % NUM_CLASSES
+  attacked = ClientData(x.astype(np.float32), y, base.sizes)
+  after = ensemble.train_ensemble(init_fn, apply_fn, attacked, plan, config, chunk_size=4)
+  touched = np.any(plan.subsets >= 4, axis=1)
+  assert 0 < touched.sum() < plan.num_models
+  for b, a in zip(leaves(before), leaves(after)):
+    np.testing.assert_array_equal(b[~touched], a[~touched])  # bit-identical
+  assert not np.allclose(leaves(before)[0][touched], leaves(after)[0][touched])
+
+
+def test_subsets_too_small_for_krum_are_rejected_before_compiling(clients):
+  # Partition groups of 1-2 clients: Krum with f=0 needs 3 real clients.
+  plan = ensemble.make_plan("partition", n=6, num_models=4, seed=1)
+  bad = FedAvgConfig(global_iters=1, local_iters=1, lr=0.3, batch_size=4, aggregator="krum")
+  with pytest.raises(ValueError, match="krum"):
+    ensemble.train_ensemble(init_fn, apply_fn, clients, plan, bad)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_train_rejects_bad_input(clients, mc_plan):
+  x_nan = np.array(clients.x)
+  x_nan[1, 0, 2] = np.nan
+  cases = [
+      (ClientData(x_nan, clients.y, clients.sizes), mc_plan, "NaN"),
+      (ClientData(clients.x, clients.y[:, :3], clients.sizes), mc_plan, "shape"),
+      (ClientData(clients.x, clients.y, clients.sizes[:4]), mc_plan, "shape"),
+      (ClientData(np.zeros((0, 2, 4), np.float32), np.zeros((0, 2), np.int32),
+                  np.zeros((0,), np.int32)), mc_plan, "no clients"),
+      (make_clients(0, SIZES[:5]), mc_plan, "n = 6"),
+  ]
+  for bad_clients, plan, match in cases:
+    with pytest.raises(ValueError, match=match):
+      ensemble.train_ensemble(init_fn, apply_fn, bad_clients, plan, CONFIG)
+  with pytest.raises(ValueError, match="chunk_size"):
+    ensemble.train_ensemble(init_fn, apply_fn, clients, mc_plan, CONFIG, chunk_size=0)
+  with pytest.raises(ValueError, match="FedAvgConfig"):
+    ensemble.train_ensemble(init_fn, apply_fn, clients, mc_plan, {"lr": 0.1})
+
+
+def test_pack_clients_rejects_empty_and_nan():
+  with pytest.raises(ValueError, match="no clients"):
+    pack_clients([], [])
+  with pytest.raises(ValueError, match="NaN"):
+    pack_clients([np.array([[np.nan, 0.0]])], [np.array([0])])
+
+
+# ----------------------------------------------------------------- prediction
+
+
+@pytest.mark.parametrize("chunk_size,batch_size", [(None, 1024), (2, 3), (1, 1)])
+def test_predict_matches_direct_apply(mc_params, chunk_size, batch_size):
+  x = np.random.default_rng(5).normal(size=(10, NUM_FEATURES)).astype(np.float32)
+  got = ensemble.predict(apply_fn, mc_params, x, chunk_size=chunk_size, batch_size=batch_size)
+  assert got.shape == (7, 10) and got.dtype == np.int32
+  want = np.stack([
+      np.argmax(np.asarray(apply_fn(jax.tree_util.tree_map(lambda a: a[i], mc_params), x)), -1)
+      for i in range(7)])
+  np.testing.assert_array_equal(got, want)
+  assert len(np.unique(got)) > 1
+
+
+def test_predict_rejects_bad_input(mc_params):
+  with pytest.raises(ValueError, match="NaN"):
+    ensemble.predict(apply_fn, mc_params, np.full((2, NUM_FEATURES), np.nan))
+  with pytest.raises(ValueError, match="d >= 1"):
+    ensemble.predict(apply_fn, mc_params, np.zeros((0, NUM_FEATURES)))
+  ragged = {"a": np.zeros((3, 2)), "b": np.zeros((2, 2))}
+  with pytest.raises(ValueError, match="leading model axis"):
+    ensemble.predict(apply_fn, ragged, np.zeros((1, NUM_FEATURES)))
+
+
+# --------------------------------------------------------------- two devices
+
+TWO_DEVICE_SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import jax
+    assert len(jax.devices()) == 2, jax.devices()
+    sys.path.insert(0, {tests!r})
+    import test_ensemble as t
+    plan = t.ensemble.make_plan("monte_carlo", n=6, k=3, num_models=7, seed=3)
+    params = t.ensemble.train_ensemble(t.init_fn, t.apply_fn, t.make_clients(), plan, t.CONFIG,
+                                       chunk_size=3)
+    x = np.random.default_rng(5).normal(size=(10, t.NUM_FEATURES)).astype(np.float32)
+    labels = t.ensemble.predict(t.apply_fn, params, x, chunk_size=3, batch_size=4)
+    flat = {{str(i): leaf for i, leaf in enumerate(jax.tree_util.tree_leaves(params))}}
+    np.savez(sys.argv[1], labels=labels, **flat)
+""")
+
+
+def test_two_devices_give_the_same_models(tmp_path, mc_params):
+  out = tmp_path / "two.npz"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  script = TWO_DEVICE_SCRIPT.format(tests=os.path.join(REPO, "tests"))
+  proc = subprocess.run([sys.executable, "-c", script, str(out)], env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  two = np.load(out)
+  for i, leaf in enumerate(leaves(mc_params)):
+    np.testing.assert_allclose(two[str(i)], leaf, rtol=1e-5, atol=1e-6)
+  x = np.random.default_rng(5).normal(size=(10, NUM_FEATURES)).astype(np.float32)
+  np.testing.assert_array_equal(two["labels"], ensemble.predict(apply_fn, mc_params, x))
