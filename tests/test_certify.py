@@ -305,6 +305,23 @@ def test_monte_carlo_matches_reference(num_models, n, k, alpha, d, seed):
   assert len(set(c.levels.tolist())) > 2
 
 
+@pytest.mark.parametrize("num_models,n,k,alpha_per_input", [
+    (40, 6, 2, 0.01), (97, 10, 3, 1e-4), (300, 30, 2, 1e-3), (64, 4, 4, 0.1),
+])
+def test_monte_carlo_level_table_matches_reference(num_models, n, k,
+                                                   alpha_per_input):
+  # Small C(n, k), so ceil/floor of p * C decide levels; every N_y checked.
+  levels, bounds = cert.monte_carlo_level_table(num_models, n, k,
+                                                alpha_per_input)
+  assert levels.shape == bounds.shape == (num_models + 1,)
+  for n_y in range(num_models + 1):
+    p = Fraction(bounds[n_y])
+    want = ref_level(p, 1 - p, n, k) if p > 1 - p else -1
+    assert levels[n_y] == want, n_y
+  assert np.all(np.diff(levels) >= 0)
+  assert levels[-1] >= 0 and levels[0] == -1
+
+
 @pytest.mark.parametrize("num_models,alpha_per_input", [
     (10, 0.2), (300, 1e-7), (500, 0.01), (800, 1e-12),
 ])
@@ -441,24 +458,18 @@ def _two_label_violation_probability(p_top, num_models, alpha, d, n, k):
   """Exact P(over-certification) of one two-label input in Monte Carlo mode.
 
   With labels 0 (probability p_top) and 1, N_0 ~ Bin(N, p_top) and
-  N_1 = N - N_0; each count's level is computed by the reference from the
-  scipy bound, so this is independent of the module.
+  N_1 = N - N_0; the module's level table says what each count certifies,
+  the reference says what each label truly deserves.
   """
   p_top = Fraction(p_top)
   true0 = ref_level(p_top, 1 - p_top, n, k)
   true1 = ref_level(1 - p_top, p_top, n, k)
-  levels = []
-  for n_y in range(num_models + 1):
-    if n_y == 0:
-      levels.append(-1)
-      continue
-    p = Fraction(float(stats.beta.ppf(alpha / d, n_y, num_models - n_y + 1)))
-    levels.append(ref_level(p, 1 - p, n, k) if 2 * p > 1 else -1)
-  pmf = stats.binom.pmf(np.arange(num_models + 1), num_models, float(p_top))
-  bad = [(levels[j] >= 0 and levels[j] > true0)
-         or (levels[num_models - j] >= 0 and levels[num_models - j] > true1)
-         for j in range(num_models + 1)]
-  return float(pmf[np.array(bad)].sum())
+  levels, _ = cert.monte_carlo_level_table(num_models, n, k, alpha / d)
+  j = np.arange(num_models + 1)
+  pmf = stats.binom.pmf(j, num_models, float(p_top))
+  bad = (((levels[j] >= 0) & (levels[j] > true0))
+         | ((levels[num_models - j] >= 0) & (levels[num_models - j] > true1)))
+  return float(pmf[bad].sum())
 
 
 @pytest.mark.parametrize("num_models", [50, 200])
