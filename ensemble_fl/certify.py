@@ -26,6 +26,17 @@ Three ways to get the bounds (`certify`'s `mode`):
   certifies any number of inputs with a gather.
 * "partition": N models trained on disjoint client groups, so a malicious
   client touches at most one model; deterministic, no alpha.
+
+A caveat of Algorithm 2 as the paper states it (and as implemented here):
+the top label is chosen from the same votes that are then bounded, so a
+minority label that wins the vote by chance can be certified too. Per input
+the error is <= 2 * alpha/d (a label certifies only when its count exceeds
+N/2, these events are disjoint across labels, and each label's
+over-certification probability is <= alpha/d), and it exceeds alpha/d when the top two
+probabilities straddle 1/2 within the sampling noise (about 1.13 * alpha/d
+for n=1000, k=10, N=500 at p_y = 0.51; 2 * alpha/d at an exact 1/2-1/2 tie;
+tests pin both). Bounding at alpha / (2d) instead would restore 1 - alpha
+(the MNIST ceiling stays 60); that is a SPEC decision, not made here.
 """
 
 from __future__ import annotations
@@ -134,14 +145,26 @@ def _check_n_k(n: Any, k: Any) -> tuple[int, int]:
   return n, k
 
 
+def _check_alpha(alpha) -> float:
+  """alpha must be a real number strictly between 0 and 1."""
+  if alpha is None:
+    raise ValueError("alpha is required in monte_carlo mode")
+  if isinstance(alpha, (bool, np.bool_)) or not isinstance(
+      alpha, (numbers.Real, np.floating, np.integer)):
+    raise ValueError(f"alpha must be a number in (0, 1), got {alpha!r}")
+  alpha = float(alpha)
+  if not 0.0 < alpha < 1.0:  # NaN fails too
+    raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+  return alpha
+
+
 def _as_fraction(name: str, p: Any) -> Fraction:
   """Exact rational value of a probability (float, Fraction or int).
 
   A float is taken at its exact binary value, never re-rounded, so callers
   that want a conservative bound must round it themselves before passing it.
   """
-  if isinstance(p, (np.ndarray,)) or (hasattr(p, "shape") and
-                                       hasattr(p, "dtype")):
+  if hasattr(p, "shape") and hasattr(p, "dtype"):  # numpy / jax scalar
     arr = np.asarray(p)
     if arr.shape != ():
       raise ValueError(f"{name} must be a scalar, got shape {arr.shape}")
@@ -466,19 +489,6 @@ def certify(predictions, *, num_classes: int, n: Optional[int] = None,
     a.setflags(write=False)  # a frozen certificate should stay frozen
   return Certificate(mode=mode, n=n, k=k, alpha=alpha, num_models=num_models,
                      num_classes=num_classes, **arrays)
-
-
-def _check_alpha(alpha) -> float:
-  """alpha must be a real number strictly between 0 and 1."""
-  if alpha is None:
-    raise ValueError("alpha is required in monte_carlo mode")
-  if isinstance(alpha, (bool, np.bool_)) or not isinstance(
-      alpha, (numbers.Real, np.floating, np.integer)):
-    raise ValueError(f"alpha must be a number in (0, 1), got {alpha!r}")
-  alpha = float(alpha)
-  if not 0.0 < alpha < 1.0:  # NaN fails too
-    raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
-  return alpha
 
 
 # ---------------------------------------------------------------------------

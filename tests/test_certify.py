@@ -496,6 +496,19 @@ def test_monte_carlo_exact_tie_known_limitation():
   assert alpha / d < q <= 2 * alpha / d
 
 
+def test_monte_carlo_near_half_known_limitation():
+  # Same effect without a tie, at the MNIST sizes: p_y one count below the
+  # level-1 threshold (0.51), so the majority label over-certifies with
+  # probability ~alpha/d and the minority label (p = 0.49) adds ~15%.
+  n, k, num_models, alpha, d = 1000, 10, 500, 0.001, 10
+  c = math.comb(n, k)
+  p = Fraction(math.ceil((Fraction(3, 2) - Fraction(math.comb(n - 1, k), c))
+                         * c) - 1, c)
+  assert ref_level(p, 1 - p, n, k) == 0
+  q = _two_label_violation_probability(p, num_models, alpha, d, n, k)
+  assert alpha / d < q <= 2 * alpha / d
+
+
 # ---------------------------------------------------------------------------
 # Partition mode.
 
