@@ -29,14 +29,16 @@ Three ways to get the bounds (`certify`'s `mode`):
 
 A caveat of Algorithm 2 as the paper states it (and as implemented here):
 the top label is chosen from the same votes that are then bounded, so a
-minority label that wins the vote by chance can be certified too. Per input
-the error is <= 2 * alpha/d (a label certifies only when its count exceeds
-N/2, these events are disjoint across labels, and each label's
-over-certification probability is <= alpha/d), and it exceeds alpha/d when the top two
-probabilities straddle 1/2 within the sampling noise (about 1.13 * alpha/d
-for n=1000, k=10, N=500 at p_y = 0.51; 2 * alpha/d at an exact 1/2-1/2 tie;
-tests pin both). Bounding at alpha / (2d) instead would restore 1 - alpha
-(the MNIST ceiling stays 60); that is a SPEC decision, not made here.
+minority label that wins the vote by chance can be certified too. A label
+certifies only when its count exceeds N/2; these events are disjoint across
+labels, the true top label over-certifies with probability <= alpha/d, and
+the others together (binomial tails are convex in p on [0, 1/2]) with
+probability <= alpha/d: per input the error is <= 2 * alpha/d. It exceeds
+alpha/d when the top two probabilities straddle 1/2 within the sampling
+noise: about 1.13 * alpha/d for n=1000, k=10, N=500 at p_y = 0.51, and
+2 * alpha/d at an exact 1/2-1/2 tie (tests pin both). Bounding at
+alpha / (2d) would restore 1 - alpha (the MNIST ceiling stays 60); that is a
+SPEC decision, not made here.
 """
 
 from __future__ import annotations
