@@ -29,13 +29,14 @@ Three ways to get the bounds (`certify`'s `mode`):
 
 A caveat of Algorithm 2 as the paper states it (and as implemented here):
 the top label is chosen from the same votes that are then bounded, so a
-minority label that wins the vote by chance can be certified too. A label
-certifies only when its count exceeds N/2; these events are disjoint across
-labels, the true top label over-certifies with probability <= alpha/d, and
-the others together (binomial tails are convex in p on [0, 1/2]) with
-probability <= alpha/d: per input the error is <= 2 * alpha/d. It exceeds
-alpha/d when the top two probabilities straddle 1/2 within the sampling
-noise: about 1.13 * alpha/d for n=1000, k=10, N=500 at p_y = 0.51, and
+minority label that wins the vote by chance can be certified too. Per input
+the error is still <= 2 * alpha/d. Sketch: a label certifies only if its
+count exceeds N/2, events disjoint across labels; for p <= 1/2,
+P_p(that count certifies) is convex in p and <= alpha/d at p = 1/2, so it
+is <= 2p * alpha/d; a true top label with p >= 1/2 over-certifies with
+probability <= alpha/d (Clopper-Pearson), the rest sum to <= alpha/d.
+The error exceeds alpha/d when the top two probabilities straddle 1/2
+within the sampling noise: about 1.13 * alpha/d for n=1000, k=10, N=500 at p_y = 0.51, and
 2 * alpha/d at an exact 1/2-1/2 tie (tests pin both). Bounding at
 alpha / (2d) would restore 1 - alpha (the MNIST ceiling stays 60); that is a
 SPEC decision, not made here.
