@@ -36,10 +36,10 @@ P_p(that count certifies) is convex in p and <= alpha/d at p = 1/2, so it
 is <= 2p * alpha/d; a true top label with p >= 1/2 over-certifies with
 probability <= alpha/d (Clopper-Pearson), the rest sum to <= alpha/d.
 The error exceeds alpha/d when the top two probabilities straddle 1/2
-within the sampling noise: about 1.13 * alpha/d for n=1000, k=10, N=500 at p_y = 0.51, and
-2 * alpha/d at an exact 1/2-1/2 tie (tests pin both). Bounding at
-alpha / (2d) would restore 1 - alpha (the MNIST ceiling stays 60); that is a
-SPEC decision, not made here.
+within the sampling noise: about 1.13 * alpha/d for n=1000, k=10, N=500
+at p_y = 0.51, and 2 * alpha/d at an exact 1/2-1/2 tie (tests pin both).
+Bounding at alpha / (2d) would restore 1 - alpha (the MNIST ceiling stays
+60); that is a SPEC decision, not made here.
 """
 
 from __future__ import annotations
