@@ -263,18 +263,23 @@ def test_exact_mode_accepts_jax_arrays():
 # Monte Carlo mode.
 
 
+@pytest.mark.parametrize("correction", [True, False])
 @pytest.mark.parametrize("num_models,n,k,alpha,d,seed", [
     (500, 1000, 10, 0.001, 400, 0),
     (100, 50, 5, 0.05, 300, 1),
     (37, 30, 2, 0.2, 200, 2),
     (1000, 10_000, 50, 0.001, 100, 3),
 ])
-def test_monte_carlo_matches_reference(num_models, n, k, alpha, d, seed):
+def test_monte_carlo_matches_reference(num_models, n, k, alpha, d, seed,
+                                      correction):
   rng = np.random.default_rng(seed)
   num_classes = 4
   probs = rng.dirichlet(np.full(num_classes, 0.2), size=d)
   preds = predictions_from_probs(rng, probs, num_models)
-  c = cert.certify(preds, num_classes=num_classes, n=n, k=k, alpha=alpha)
+  c = cert.certify(preds, num_classes=num_classes, n=n, k=k, alpha=alpha,
+                   selection_correction=correction)
+  # Per-input level: alpha / d (the paper), halved by the selection correction.
+  per_input = alpha / d / (2 if correction else 1)
   assert c.mode == "monte_carlo" and c.num_models == num_models
   cache = {}
   for t in range(d):
@@ -285,7 +290,7 @@ def test_monte_carlo_matches_reference(num_models, n, k, alpha, d, seed):
     assert counts[c.top_labels[t]] == n_y
     if n_y not in cache:
       p = (0.0 if n_y == 0 else
-           float(stats.beta.ppf(alpha / d, n_y, num_models - n_y + 1)))
+           float(stats.beta.ppf(per_input, n_y, num_models - n_y + 1)))
       # The module rounds down by a documented relative 1e-10 (+1 ulp), so
       # its level lies between the level of a bound pushed 3e-10 further
       # down and the level of the raw scipy bound -- and never above.
@@ -342,11 +347,14 @@ def test_clopper_pearson_rounding_is_a_valid_lower_bound(num_models,
         Fraction(p) * (1 + Fraction(1, 10**8)), num_models, n_y) > a
   assert cert.clopper_pearson_lower(np.array([0]), num_models,
                                     alpha_per_input)[0] == 0.0
-  # certify uses the same bound at level alpha / d.
+  # certify uses the same bound at level alpha / d (paper) or alpha / 2d.
   d = 4
   preds = np.zeros((num_models, d), np.int32)
   c = cert.certify(preds, num_classes=2, n=10, k=1,
-                   alpha=alpha_per_input * d)
+                   alpha=alpha_per_input * d, selection_correction=False)
+  assert np.all(c.p_lower == bounds[-1])
+  c = cert.certify(preds[:, :1], num_classes=2, n=10, k=1,
+                   alpha=alpha_per_input * 2)  # d = 1
   assert np.all(c.p_lower == bounds[-1])
 
 
@@ -454,7 +462,8 @@ def test_monte_carlo_statistical_soundness():
   assert failures > 0
 
 
-def _two_label_violation_probability(p_top, num_models, alpha, d, n, k):
+def _two_label_violation_probability(p_top, num_models, alpha, d, n, k,
+                                     correction=False):
   """Exact P(over-certification) of one two-label input in Monte Carlo mode.
 
   With labels 0 (probability p_top) and 1, N_0 ~ Bin(N, p_top) and
@@ -464,7 +473,8 @@ def _two_label_violation_probability(p_top, num_models, alpha, d, n, k):
   p_top = Fraction(p_top)
   true0 = ref_level(p_top, 1 - p_top, n, k)
   true1 = ref_level(1 - p_top, p_top, n, k)
-  levels, _ = cert.monte_carlo_level_table(num_models, n, k, alpha / d)
+  per_input = alpha / d / (2 if correction else 1)
+  levels, _ = cert.monte_carlo_level_table(num_models, n, k, per_input)
   j = np.arange(num_models + 1)
   pmf = stats.binom.pmf(j, num_models, float(p_top))
   bad = (((levels[j] >= 0) & (levels[j] > true0))
@@ -487,8 +497,8 @@ def test_monte_carlo_exact_tie_known_limitation():
   # Algorithm 2 picks the top label from the same votes it then bounds.
   # When two labels tie exactly at 1/2 (no label may be certified), either
   # one can win the vote and be certified, so the per-input error is up to
-  # 2 * alpha/d, not alpha/d. This pins the behaviour the paper and SPEC
-  # prescribe (and its union bound) so a change is noticed.
+  # 2 * alpha/d, not alpha/d. This pins the behaviour of the paper's
+  # Algorithm 2 (selection_correction=False) and its union bound.
   alpha, d, num_models = 0.2, 10, 200
   assert SOUND_C % 2 == 0
   q = _two_label_violation_probability(Fraction(1, 2), num_models, alpha, d,
@@ -664,3 +674,29 @@ def test_certificate_invariants_and_shapes():
     assert np.all(c.counts.sum(1) == 500)
     with pytest.raises(ValueError):
       c.levels[0] = 99  # read-only
+
+
+@pytest.mark.parametrize("num_models", [50, 200, 500])
+@pytest.mark.parametrize("p_top", ["tie", "near_half", "boundary"])
+def test_selection_correction_restores_alpha_over_d(num_models, p_top):
+  # The default bound at alpha / (2d) keeps each input's exact error, top
+  # label and minority label together, within its Bonferroni share alpha/d,
+  # exactly where the paper's bound exceeds it.
+  alpha, d = 0.2, 10
+  p = {"tie": Fraction(1, 2),
+       "near_half": Fraction(SOUND_C // 2 + 1, SOUND_C),
+       "boundary": _boundary_probs()[1][0]}[p_top]
+  q = _two_label_violation_probability(p, num_models, alpha, d, SOUND_N,
+                                       SOUND_K, correction=True)
+  assert q <= alpha / d
+  if p_top == "tie":  # the paper's bound is not enough there
+    assert _two_label_violation_probability(
+        p, num_models, alpha, d, SOUND_N, SOUND_K) > alpha / d
+
+
+@pytest.mark.parametrize("correction", [True, False])
+def test_paper_ceiling_mnist_either_bound(correction):
+  preds = np.full((500, 10_000), 7, dtype=np.int32)
+  c = cert.certify(preds, num_classes=10, n=1000, k=10, alpha=0.001,
+                   selection_correction=correction)
+  assert np.all(c.levels == 60)
