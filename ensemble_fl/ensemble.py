@@ -18,6 +18,21 @@ training key ``fold_in(K, 1)``.
   seed), 0), j)`` and its key is ``fold_in(fold_in(PRNGKey(seed), 1), j)``:
   independent across models, and the first N models of a plan do not depend
   on N (a plan with N=100 is a prefix of the one with N=500).
+
+Execution. The client data go to the devices once per run (replicated); a
+chunk's inputs are only its keys and subsets, and everything else (init,
+minibatch sampling, training) happens inside one program, so there is no
+host round-trip inside a chunk. The next chunk is dispatched before the
+previous one is copied back. Nothing is donated: the only large buffer, the
+client data, is read by every chunk, and the parameters are created inside
+the program. The jitted programs are module-level with ``init_fn``,
+``apply_fn``, the config and the sharding as static arguments, so repeated
+runs with the same functions reuse the compilation.
+
+Reproducibility. On a fixed device count a model's parameters are
+bit-identical whatever the chunk size or the other rows of the plan; a
+different device count (or the un-vmapped :func:`fedavg`) agrees to float
+rounding only, since XLA may then fuse and order reductions differently.
 """
 
 from __future__ import annotations
@@ -215,10 +230,37 @@ def _mesh() -> Mesh:
   return Mesh(np.asarray(jax.devices()), ("models",))
 
 
+def _to_device(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """Places a host array (identical on every process) with ``sharding``.
+
+  ``make_array_from_callback`` hands each device only its own shard, and
+  unlike ``device_put`` it also builds arrays spanning devices of other
+  processes (multi-process ``jax.distributed`` runs); on one process it is
+  the same as ``device_put``.
+  """
+  host = np.asarray(host)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def _to_host(array: jax.Array) -> np.ndarray:
+  """Fetches a (possibly multi-process) array whole onto every host."""
+  if array.is_fully_addressable:
+    return np.asarray(array)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
 def _round_chunk(chunk_size: int | None, num_models: int, num_devices: int) -> int:
-  """Chunk size: requested (or default), capped by N, rounded up to the devices."""
+  """Models per compiled call.
+
+  At most ``chunk_size`` (default ``DEFAULT_CHUNK_SIZE``), then evened out so
+  the padded last chunk wastes little (435 models at 64: 7 chunks of 63, not
+  6 of 64 plus 51 padded to 64), then rounded up to a multiple of the device
+  count so the model axis splits evenly over the mesh.
+  """
   c = DEFAULT_CHUNK_SIZE if chunk_size is None else _check_pos_int("chunk_size", chunk_size)
   c = min(c, num_models)
+  c = -(-num_models // -(-num_models // c))
   return -(-c // num_devices) * num_devices
 
 
@@ -288,9 +330,10 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
     clients: :class:`ClientData` of ``plan.n`` clients (validated).
     plan: :class:`SubsamplePlan`.
     config: :class:`~ensemble_fl.fedavg.FedAvgConfig`.
-    chunk_size: models trained per compiled call (bounds memory; default
-      ``DEFAULT_CHUNK_SIZE``), capped at N and rounded up to a multiple of the
-      device count. Results do not depend on it beyond float rounding.
+    chunk_size: most models trained per compiled call (bounds memory; default
+      ``DEFAULT_CHUNK_SIZE``); evened out over the chunks and rounded up to a
+      multiple of the device count. On one device results are bit-identical
+      for every chunk size; across device counts they agree to float rounding.
     progress: called as ``progress(models_done, models_total)`` after each chunk.
 
   Returns:
@@ -314,16 +357,16 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
   chunk = _round_chunk(chunk_size, total, num_devices)
 
   # Placed once for the whole run, replicated: every model of every chunk reads it.
-  x = jax.device_put(np.asarray(clients.x, np.float32), replicated)
-  y = jax.device_put(np.asarray(clients.y, np.int32), replicated)
-  sizes = jax.device_put(np.asarray(clients.sizes, np.int32), replicated)
+  x = _to_device(np.asarray(clients.x, np.float32), replicated)
+  y = _to_device(np.asarray(clients.y, np.int32), replicated)
+  sizes = _to_device(np.asarray(clients.sizes, np.int32), replicated)
   subsets_all = np.asarray(plan.subsets, np.int32)
   keys_all = np.asarray(plan.keys, np.uint32)
 
   def launch(start):
     stop = min(start + chunk, total)
-    keys = jax.device_put(_pad_rows(keys_all[start:stop], chunk), model_sharding)
-    subsets = jax.device_put(_pad_rows(subsets_all[start:stop], chunk), model_sharding)
+    keys = _to_device(_pad_rows(keys_all[start:stop], chunk), model_sharding)
+    subsets = _to_device(_pad_rows(subsets_all[start:stop], chunk), model_sharding)
     out = _train_chunk(init_fn, apply_fn, config, model_sharding, keys, subsets, x, y, sizes)
     return stop - start, out
 
@@ -335,7 +378,7 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
     # waits on the host copy.
     nxt = launch(start) if start < total else None
     count, out = pending
-    host = jax.tree_util.tree_map(lambda a, c=count: np.asarray(a)[:c], out)
+    host = jax.tree_util.tree_map(lambda a, c=count: _to_host(a)[:c], out)
     results.append(host)
     done += count
     if progress is not None:
@@ -364,8 +407,8 @@ def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray,
     apply_fn: ``apply_fn(params, x [B, ...]) -> logits [B, C]``.
     stacked_params: params pytree, every leaf with leading model axis N.
     x: float ``[d, *feature_shape]``, finite.
-    chunk_size: models per compiled call (default ``DEFAULT_CHUNK_SIZE``),
-      rounded up to a multiple of the device count.
+    chunk_size: most models per compiled call (default
+      ``DEFAULT_CHUNK_SIZE``), as in :func:`train_ensemble`.
     batch_size: inputs per compiled call.
 
   Returns:
@@ -396,15 +439,15 @@ def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray,
   bs = min(batch_size, d)
   num_batches = -(-d // bs)
   x_pad = np.concatenate([x, np.repeat(x[:1], num_batches * bs - d, axis=0)], axis=0)
-  x_dev = [jax.device_put(x_pad[b * bs:(b + 1) * bs], replicated) for b in range(num_batches)]
+  x_dev = [_to_device(x_pad[b * bs:(b + 1) * bs], replicated) for b in range(num_batches)]
 
   out = np.empty((total, d), np.int32)
   for start in range(0, total, chunk):
     stop = min(start + chunk, total)
     params = jax.tree_util.tree_map(
-        lambda l: jax.device_put(_pad_rows(np.asarray(l[start:stop]), chunk), model_sharding),
+        lambda l: _to_device(_pad_rows(np.asarray(l[start:stop]), chunk), model_sharding),
         stacked_params)
     labels = [_predict_chunk(apply_fn, params, xb) for xb in x_dev]
-    labels = np.concatenate([np.asarray(l) for l in labels], axis=1)
+    labels = np.concatenate([_to_host(l) for l in labels], axis=1)
     out[start:stop] = labels[: stop - start, :d]
   return out
