@@ -525,6 +525,7 @@ def run_sweep(
     values: Sequence[Any],
     *,
     data: Data | None = None,
+    timings: dict[str, float] | None = None,
     progress_factory: Callable[[str], Callable[[int, int], None]] | None = None,
     log: Callable[[str], None] = _stderr_log,
 ):
@@ -536,21 +537,23 @@ def run_sweep(
 
   Args:
     data: the data of the *first* value's config, when already loaded.
+    timings: phases already done for the first run (e.g. its ``load_data``).
   """
   configs = sweep_configs(cfg, param, values)
   if param == "alpha":
-    first = run(configs[0], data=data, progress_factory=progress_factory, log=log)
+    first = run(configs[0], data=data, timings=timings, progress_factory=progress_factory,
+                log=log)
     for value in values:
       yield value, recertify(first, value)
     return
   for i, (value, c) in enumerate(zip(values, configs)):
     log(f"--- {param} = {value}")
-    timings = {}
+    done = dict(timings or {}) if i == 0 else {}
     if data is None or (param == "q" and i > 0):
       start = time.perf_counter()
       data = load_data(c)
-      timings["load_data"] = time.perf_counter() - start
-    yield value, run(c, data=data, timings=timings, progress_factory=progress_factory, log=log)
+      done["load_data"] = time.perf_counter() - start
+    yield value, run(c, data=data, timings=done, progress_factory=progress_factory, log=log)
 
 
 # ---------------------------------------------------------------------------

@@ -67,11 +67,13 @@ def main(argv=None):
     if dataset == "har" and args.param in ("N", "alpha") and args.k is None:
       cfg = dataclasses.replace(cfg, k=4)
     configs = experiment.sweep_configs(cfg, args.param, values)
+    start = time.perf_counter()
     data = experiment.load_data(configs[0])
+  load_seconds = time.perf_counter() - start
   out = Path(args.out or experiment.default_out_dir(f"sweep-{dataset}-{args.param}"))
-  start = time.perf_counter()
   runs = []
   for value, result in experiment.run_sweep(cfg, args.param, values, data=data,
+                                            timings={"load_data": load_seconds},
                                             progress_factory=progress_lib.ProgressBar):
     if args.param == "alpha" and result.alpha is None and not runs:
       print(f"warning: {result.mode} mode does not depend on α: all curves are the same",

@@ -1,0 +1,288 @@
+"""End-to-end runs of experiments/{mnist,har,sweep}.py at tiny size, and their flags.
+
+Each CLI runs once in a subprocess on the real data in the data root (skipped
+when absent), the three runs side by side; the tests then check the files each
+wrote and that their numbers agree with each other.
+"""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ensemble_fl import experiment
+from ensemble_fl import progress
+from ensemble_fl.data import paths
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = paths.default_data_dir()
+HAS_MNIST = DATA is not None and (DATA / "mnist" / "train-images-idx3-ubyte.gz").is_file()
+HAS_HAPT = DATA is not None and (DATA / "hapt" / "hapt_raw.npz").is_file()
+needs_mnist = pytest.mark.skipif(not HAS_MNIST, reason="MNIST files not in the data root")
+needs_hapt = pytest.mark.skipif(not HAS_HAPT, reason="HAPT file not in the data root")
+
+# Tiny but real: few clients, rounds, steps and test inputs. Large α and small
+# d so that some inputs are certified even with a handful of models.
+TINY = ["--global-iters", "1", "--local-iters", "2", "--batch-size", "8", "--lr", "0.05"]
+MNIST_TINY = TINY + ["--n-clients", "20", "--k", "2", "--N", "12", "--alpha", "0.5",
+                     "--test-size", "60", "--no-baseline"]
+HAR_TINY = TINY + ["--k", "1", "--N", "30", "--test-size", "200", "--baseline"]  # exact: C(30,1)=30
+
+
+def _command(script, *args):
+  return [sys.executable, str(REPO / "experiments" / script), *map(str, args)]
+
+
+_ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+
+def run_cli(script, *args, check=True):
+  proc = subprocess.run(_command(script, *args), capture_output=True, text=True, timeout=300,
+                        cwd=REPO, env=_ENV)
+  if check:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+  """Starts the three end-to-end runs at once (compilation is mostly single-threaded,
+  so they overlap well on 2 cores) and returns ``{name: (out_dir, CompletedProcess)}``."""
+  root = tmp_path_factory.mktemp("cli")
+  jobs = {}
+  if HAS_MNIST:
+    jobs["mnist"] = ("mnist.py", *MNIST_TINY)
+  if HAS_HAPT:
+    jobs["har"] = ("har.py", *HAR_TINY)
+    jobs["alpha_sweep"] = ("sweep.py", "--dataset", "har", "--param", "alpha", "--values", "0.5",
+                           "0.01", *TINY, "--k", "2", "--N", "16", "--test-size", "100")
+  started = {}
+  for name, (script, *args) in jobs.items():
+    out = root / name
+    started[name] = (out, subprocess.Popen(
+        _command(script, *args, "--data-dir", DATA, "--out", out), cwd=REPO, env=_ENV,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  runs = {}
+  for name, (out, popen) in started.items():
+    stdout, stderr = popen.communicate(timeout=300)
+    runs[name] = (out, subprocess.CompletedProcess(popen.args, popen.returncode, stdout, stderr))
+  return runs
+
+
+def get_run(cli_runs, name):
+  if name not in cli_runs:
+    pytest.skip(f"data for the {name} run not in the data root")
+  out, proc = cli_runs[name]
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return out, proc
+
+
+def read_csv(path):
+  with open(path, newline="") as f:
+    rows = list(csv.reader(f))
+  return rows[0], rows[1:]
+
+
+def check_run_folder(out, *, baseline):
+  """The four files exist and agree with each other; returns (json, npz arrays)."""
+  for name in ("results.json", "predictions.npz", "certified_accuracy.csv",
+               "certified_accuracy.png"):
+    assert (out / name).is_file(), name
+  assert (out / "certified_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  res = json.loads((out / "results.json").read_text())
+  with np.load(out / "predictions.npz") as z:
+    arrays = {k: z[k] for k in z.files}
+  labels, levels, y = arrays["labels"], arrays["levels"], arrays["y_true"]
+  assert labels.shape == levels.shape == y.shape == (res["num_test"],)
+
+  ca = res["certified_accuracy"]
+  m = np.array(ca["m"])
+  ens = np.array(ca["ensemble"])
+  np.testing.assert_array_equal(m, np.arange(max(levels.max(), 0) + 2))
+  assert res["max_certified_level"] == levels.max()
+  assert np.all(np.diff(ens) <= 0), "CA@m must be non-increasing in m"
+  assert ens[-1] == 0.0
+  # CA@0 is the accuracy of the saved labels (abstain = -1 counts as wrong) ...
+  assert ens[0] == pytest.approx(np.mean(labels == y), abs=0) == res["accuracy"]
+  # ... and every CA@m is recomputable from the saved labels and levels.
+  for mi, c in zip(m, ens):
+    assert c == pytest.approx(np.mean((labels == y) & (levels >= mi)), abs=1e-12)
+  assert np.all(levels[labels < 0] == -1)
+
+  header, rows = read_csv(out / "certified_accuracy.csv")
+  assert header == ["m", "ensemble", "baseline"]
+  assert [int(r[0]) for r in rows] == ca["m"]
+  assert [float(r[1]) for r in rows] == ca["ensemble"]  # exact: both written with repr
+  if baseline:
+    base = np.array(ca["baseline"])
+    acc = np.mean(arrays["baseline_labels"] == y)
+    assert base[0] == acc == res["baseline_accuracy"]
+    assert np.all(base[1:] == 0.0)
+    assert [float(r[2]) for r in rows] == ca["baseline"]
+  else:
+    assert ca["baseline"] is None and all(r[2] == "" for r in rows)
+
+  preds = arrays["model_labels"]
+  assert preds.shape == (res["num_models"], res["num_test"])
+  counts = np.stack([(preds == c).sum(0) for c in range(res["num_classes"])], axis=1)
+  np.testing.assert_array_equal(arrays["top_count"], counts.max(1))
+  for key in ("load_data", "train", "predict", "certify", "total"):
+    assert res["timings_s"][key] >= 0
+  env = res["environment"]
+  assert env["jax"] and env["flax"] and env["devices"] and env["cpu_count"] >= 1
+  return res, arrays
+
+
+# --------------------------------------------------------------- MNIST
+
+
+def test_mnist_cli_outputs_are_consistent(cli_runs):
+  out, proc = get_run(cli_runs, "mnist")
+  res, arrays = check_run_folder(out, baseline=False)
+  assert res["mode"] == "monte_carlo" and res["num_models"] == 12 and res["alpha"] == 0.5
+  assert res["n"] == 20 and res["k"] == 2 and res["num_test"] == 60
+  assert res["config"]["q"] == 0.5 and res["config"]["global_iters"] == 1
+  assert set(np.unique(arrays["y_true"])) <= set(range(10))
+  # The summary table is on stdout; the progress bar on stderr.
+  assert "ensemble" in proc.stdout
+  assert "wall time" in proc.stdout
+  assert "12/12" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------- HAR
+
+
+def test_har_cli_exact_mode(cli_runs):
+  out, proc = get_run(cli_runs, "har")
+  res, arrays = check_run_folder(out, baseline=True)
+  # auto: C(30, 1) = 30 <= N = 30, so exact mode with one model per client.
+  assert res["mode"] == "exact" and res["num_models"] == 30 and res["alpha"] is None
+  assert res["n"] == 30 and res["num_classes"] == 6
+  # Exact mode, k = 1: certified iff c_y - c_z > 2m, i.e. m* = ceil((c_y - c_z) / 2) - 1.
+  gap = arrays["top_count"] - arrays["runner_up_count"]
+  certified = arrays["labels"] >= 0
+  np.testing.assert_array_equal(arrays["levels"][certified], (gap[certified] + 1) // 2 - 1)
+  assert "30/30" in proc.stderr and "single FedAvg" in proc.stdout
+
+
+# --------------------------------------------------------------- sweep
+
+
+def test_alpha_sweep_certifies_one_training_at_each_alpha(cli_runs):
+  out, proc = get_run(cli_runs, "alpha_sweep")
+  assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  header, rows = read_csv(out / "sweep.csv")
+  assert header == ["m", "α=0.5", "α=0.01"]
+  runs = {}
+  for alpha in ("0.5", "0.01"):
+    res, arrays = check_run_folder(out / f"alpha={alpha}", baseline=False)
+    assert res["alpha"] == float(alpha) and res["mode"] == "monte_carlo"
+    assert res["k"] == 2  # explicit --k wins over the HAR sweep default k=4
+    runs[alpha] = (res, arrays)
+  # Same models, only the certificate differs; a larger α never certifies less.
+  np.testing.assert_array_equal(runs["0.5"][1]["model_labels"], runs["0.01"][1]["model_labels"])
+  assert np.all(runs["0.5"][1]["levels"] >= runs["0.01"][1]["levels"])
+  # sweep.csv holds each run's curve, padded with zeros to the common m range.
+  for col, alpha in ((1, "0.5"), (2, "0.01")):
+    curve = runs[alpha][0]["certified_accuracy"]["ensemble"]
+    column = [float(r[col]) for r in rows]
+    assert column[:len(curve)] == curve and all(c == 0.0 for c in column[len(curve):])
+  assert proc.stderr.count("16/16") == 1, "an α sweep trains once"
+  assert "α=0.5" in proc.stdout
+
+
+# ------------------------------------------------------------ bad flags
+
+
+@pytest.mark.parametrize("script,args,needle", [
+    ("mnist.py", ["--k", "0"], "--k"),
+    ("mnist.py", ["--k", "1001"], "--k"),
+    ("mnist.py", ["--n-clients", "5", "--k", "6"], "--k"),
+    ("mnist.py", ["--alpha", "0"], "--alpha"),
+    ("mnist.py", ["--alpha", "1"], "--alpha"),
+    ("mnist.py", ["--N", "0"], "--N"),
+    ("mnist.py", ["--q", "1.5"], "--q"),
+    ("mnist.py", ["--lr", "abc"], "--lr"),
+    ("mnist.py", ["--data-dir", "/nonexistent/data"], "/nonexistent/data"),
+    ("har.py", ["--k", "31"], "--k"),
+    ("har.py", ["--mode", "bogus"], "--mode"),
+    ("har.py", ["--q", "0.3"], "--q"),
+    ("sweep.py", ["--dataset", "har", "--param", "q", "--values", "0.1"], "q"),
+    ("sweep.py", ["--dataset", "mnist", "--param", "k", "--values", "x"], "--values"),
+    ("sweep.py", ["--dataset", "mnist", "--param", "alpha", "--values", "0.1", "2"], "--alpha"),
+])
+def test_bad_flags_give_one_line_error_and_exit_2(script, args, needle):
+  proc = run_cli(script, *args, check=False)
+  assert proc.returncode == 2, proc.stderr
+  assert "Traceback" not in proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+
+
+def test_data_dir_without_the_files_is_a_clean_error(tmp_path):
+  proc = run_cli("mnist.py", "--data-dir", tmp_path, "--out", tmp_path / "out", check=False)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and "mnist" in lines[0]
+  assert not (tmp_path / "out").exists()
+
+
+# -------------------------------------------------------- pure pieces
+
+
+def test_auto_mode_is_exact_when_all_subsets_fit():
+  assert experiment.resolve_ensemble("auto", n=30, k=2, num_models=500) == ("exact", 435)
+  assert experiment.resolve_ensemble("auto", n=30, k=2, num_models=434) == ("monte_carlo", 434)
+  assert experiment.resolve_ensemble("auto", n=1000, k=10, num_models=500) == ("monte_carlo", 500)
+  assert experiment.resolve_ensemble("partition", n=30, k=2, num_models=10) == ("partition", 10)
+  with pytest.raises(ValueError, match="monte_carlo"):
+    experiment.resolve_ensemble("exact", n=1000, k=10, num_models=500)
+
+
+def test_presets_and_flag_overrides():
+  paper = experiment.preset("mnist", "paper")
+  assert (paper.n_clients, paper.k, paper.num_models, paper.alpha, paper.q) == (1000, 10, 500,
+                                                                              0.001, 0.5)
+  assert (paper.global_iters, paper.local_iters, paper.lr, paper.batch_size) == (3000, 5, 0.001,
+                                                                               32)
+  har = experiment.preset("har", "paper")
+  assert (har.n_clients, har.k, har.num_models, har.global_iters) == (30, 2, 500, 5000)
+  args = experiment.make_parser("mnist").parse_args(["--preset", "cpu", "--lr", "0.2"])
+  cfg = experiment.config_from_args(args, "mnist")
+  cpu = experiment.preset("mnist", "cpu")
+  assert cfg.lr == 0.2 and cfg.global_iters == cpu.global_iters and cfg.k == 10
+
+
+def test_progress_bar_eta_and_non_tty_output():
+  class Stream:
+    def __init__(self):
+      self.text = ""
+
+    def write(self, s):
+      self.text += s
+
+    def flush(self):
+      pass
+
+    def isatty(self):
+      return False
+
+  now = [0.0]
+  stream = Stream()
+  bar = progress.ProgressBar("models", stream=stream, min_interval=100, clock=lambda: now[0])
+  now[0] = 10.0
+  bar(2, 10)   # first update (compilation included)
+  now[0] = 14.0
+  bar(4, 10)   # 2 s per model since the first update -> 12 s left
+  assert bar.eta(4, 10, 14.0) == pytest.approx(12.0)
+  now[0] = 30.0
+  bar(10, 10)
+  lines = stream.text.splitlines()
+  assert len(lines) == 2  # the first update, then (throttled) only the final one
+  assert "2/10" in lines[0] and "10/10" in lines[1] and "100%" in lines[1]
+  assert progress.format_duration(3725) == "1:02:05" and progress.format_duration(75) == "1:15"
