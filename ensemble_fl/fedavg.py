@@ -37,6 +37,12 @@ from ensemble_fl import aggregators
 from ensemble_fl.clients import ClientData
 
 PyTree = Any
+# Subsets wider than this train their clients in vmapped blocks of this size,
+# one block after another (lax.map), so a single FedAvg model over all n
+# clients (the baseline, or a partition with few groups) needs activation
+# memory for CLIENT_BLOCK clients, not n. Subsamples of k <= CLIENT_BLOCK are
+# one plain vmap.
+CLIENT_BLOCK = 64
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
 
 
@@ -204,7 +210,11 @@ def fedavg(apply_fn: ApplyFn, params: PyTree, clients: ClientData, subset: jax.A
   def server_round(global_params, t):
     batch_idx = round_batch_indices(key, t, ids, sizes, config.local_iters,
                                     config.batch_size)
-    deltas = jax.vmap(local_update, in_axes=(None, 0, 0))(global_params, ids, batch_idx)
+    if subset.shape[0] > CLIENT_BLOCK:
+      deltas = jax.lax.map(lambda a: local_update(global_params, *a), (ids, batch_idx),
+                           batch_size=CLIENT_BLOCK)
+    else:
+      deltas = jax.vmap(local_update, in_axes=(None, 0, 0))(global_params, ids, batch_idx)
     agg = aggregators.aggregate(config.aggregator, deltas, weights, mask,
                                 trim_beta=config.trim_beta, krum_f=config.krum_f)
     new = jax.tree_util.tree_map(

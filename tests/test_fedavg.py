@@ -150,6 +150,19 @@ def test_padding_slots_do_not_change_the_result(clients, aggregator, extra):
     np.testing.assert_allclose(padded[name], plain[name], rtol=1e-6, atol=1e-7)
 
 
+def test_wide_subsets_trained_in_client_blocks_match(clients, monkeypatch):
+  # Force the lax.map path (blocks of 2, plus a remainder) on a width-5 subset.
+  from ensemble_fl import fedavg as fedavg_module
+  subset = np.array([5, 0, 3, 1, -1], np.int32)
+  key = jax.random.PRNGKey(8)
+  want = np_fedavg(init_params(), clients, subset, key, ROUNDS)
+  monkeypatch.setattr(fedavg_module, "CLIENT_BLOCK", 2)
+  blocked = jax.jit(lambda p, c, s, k: fedavg(linear_apply, p, c, s, k, ROUNDS))
+  got = blocked(init_params(), clients, subset, key)
+  for name in got:
+    np.testing.assert_allclose(got[name], want[name], rtol=2e-5, atol=2e-6)
+
+
 def test_padding_rows_of_clients_are_never_read(clients):
   # NaN in every padding row: any out-of-range gather would poison the model.
   x = np.array(clients.x)
