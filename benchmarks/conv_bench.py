@@ -7,12 +7,16 @@ with per-(model, client) weights (as inside FedAvg after the first local
 step), followed by ``w - lr * g``. Each variant is one ``MnistCNN``
 configuration (see ensemble_fl/models.py).
 
-Printed per variant: median ms per step, example-steps/s
-(models x clients x batch / step time), achieved GFLOP/s counted analytically
-(2 x MACs forward, x3 for forward + backward), XLA's own flop count from
-``cost_analysis()`` when available, and compile time. The first line is this
-machine's dense float32 matmul rate (a large ``jnp.dot`` under jit), the
-ceiling to compare against.
+All variants are compiled first, then timed in interleaved rounds (one step
+of each per round, plus one matmul), so a burst of load from other jobs hits
+them alike. Printed per variant: median ms per step (and min..max),
+example-steps/s (models x clients x batch / step time), achieved GFLOP/s
+counted analytically (2 x MACs forward, x3 for forward + backward; "best"
+uses the fastest round), XLA's own flop count from ``cost_analysis()`` when
+available, compile time, and ``cpu ms``, the process CPU time per step (all
+threads; about 2x the wall time on an idle 2-core machine, and the steadier
+figure when other jobs share the cores). The dense float32 matmul rate (a
+2048^3 ``jnp.dot`` under jit) is the ceiling to compare against.
 
 Run: ``python benchmarks/conv_bench.py [--models 4 --clients 10 --repeats 7]``.
 """
@@ -37,12 +41,17 @@ VARIANTS = {
     # name: MnistCNN kwargs
     "lax_conv": dict(conv_impl="lax", pool_impl="reduce_window"),
     "lax_conv+reshape_pool": dict(conv_impl="lax", pool_impl="reshape"),
-    "dilated_patches": dict(conv_impl="patches", patch_impl="dilated", pool_impl="reshape"),
-    "slices_cmajor": dict(conv_impl="patches", patch_impl="slices_cmajor", pool_impl="reshape"),
-    "slices+reduce_window": dict(conv_impl="patches", patch_impl="slices", pool_impl="reduce_window"),
-    "slices (default)": dict(conv_impl="patches", patch_impl="slices", pool_impl="reshape"),
-    "slices bf16": dict(conv_impl="patches", patch_impl="slices", pool_impl="reshape",
-                        dtype=jnp.bfloat16),
+    "nhwc dilated": dict(layout="nhwc", patch_impl="dilated", pool_impl="reshape"),
+    "nhwc slices_cmajor": dict(layout="nhwc", patch_impl="slices_cmajor", pool_impl="reshape"),
+    "nhwc slices+reduce_window": dict(layout="nhwc", patch_impl="slices",
+                                      pool_impl="reduce_window"),
+    "nhwc slices": dict(layout="nhwc", patch_impl="slices", pool_impl="reshape"),
+    "nhwc slices+pairwise": dict(layout="nhwc", patch_impl="slices", pool_impl="pairwise"),
+    "cnhw slices": dict(layout="cnhw", patch_impl="slices", pool_impl="reshape"),
+    "cnhw flat+pairwise": dict(layout="cnhw", patch_impl="flat", pool_impl="pairwise"),
+    "cnhw flat (default)": dict(layout="cnhw", patch_impl="flat", pool_impl="reshape"),
+    "cnhw flat bf16": dict(layout="cnhw", patch_impl="flat", pool_impl="reshape",
+                           dtype=jnp.bfloat16),
 }
 
 
@@ -77,46 +86,50 @@ def make_step(model: MnistCNN, lr: float = 1e-3):
   return jax.jit(jax.vmap(jax.vmap(sgd)), donate_argnums=0)
 
 
-def bench_variant(kwargs, models: int, clients: int, batch: int, repeats: int, seed: int = 0):
-  """Times one variant; returns a dict of figures."""
-  model = MnistCNN(**kwargs)
-  key = jax.random.key(seed)
-  kp, kx, ky = jax.random.split(key, 3)
-  init_keys = jax.random.split(kp, models * clients).reshape(models, clients)
-  x1 = jnp.zeros((1, 28, 28, 1), jnp.float32)
-  params = jax.vmap(jax.vmap(lambda k: model.init(k, x1)))(init_keys)
-  x = jax.random.uniform(kx, (models, clients, batch, 28, 28, 1), jnp.float32)
-  y = jax.random.randint(ky, (models, clients, batch), 0, 10, jnp.int32)
-  step = make_step(model)
+class Variant:
+  """One compiled variant with its inputs, timed step by step."""
 
-  t0 = time.perf_counter()
-  lowered = step.lower(params, x, y)
-  compiled = lowered.compile()
-  compile_s = time.perf_counter() - t0
-  xla_flops = None
-  try:
-    ca = compiled.cost_analysis()
-    if isinstance(ca, (list, tuple)):
-      ca = ca[0]
-    xla_flops = float(ca.get("flops")) if ca and "flops" in ca else None
-  except Exception:  # cost_analysis is optional per backend
-    pass
+  def __init__(self, kwargs, models: int, clients: int, batch: int, seed: int = 0):
+    model = MnistCNN(**{**dict(conv_impl="patches"), **kwargs})
+    kp, kx, ky = jax.random.split(jax.random.key(seed), 3)
+    init_keys = jax.random.split(kp, models * clients).reshape(models, clients)
+    x1 = jnp.zeros((1, 28, 28, 1), jnp.float32)
+    self.params = jax.vmap(jax.vmap(lambda k: model.init(k, x1)))(init_keys)
+    self.x = jax.random.uniform(kx, (models, clients, batch, 28, 28, 1), jnp.float32)
+    self.y = jax.random.randint(ky, (models, clients, batch), 0, 10, jnp.int32)
+    step = make_step(model)
+    t0 = time.perf_counter()
+    self.compiled = step.lower(self.params, self.x, self.y).compile()
+    self.compile_s = time.perf_counter() - t0
+    self.xla_flops = None
+    try:
+      ca = self.compiled.cost_analysis()
+      if isinstance(ca, (list, tuple)):
+        ca = ca[0]
+      if ca and "flops" in ca:
+        self.xla_flops = float(ca["flops"])
+    except Exception:  # cost_analysis is optional per backend
+      pass
+    self.examples = models * clients * batch
+    self.wall, self.cpu = [], []
+    self.run(record=False)                   # warm-up: allocations, caches
 
-  params = compiled(params, x, y)            # warm-up (allocations, caches)
-  jax.block_until_ready(params)
-  ts = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    params = compiled(params, x, y)
-    jax.block_until_ready(params)
-    ts.append(time.perf_counter() - t)
-  step_s = statistics.median(ts)
-  examples = models * clients * batch
-  flops = 3 * 2 * mnist_cnn_macs(examples)
-  return dict(ms=step_s * 1e3, ex_per_s=examples / step_s, gflops=flops / step_s / 1e9,
-              xla_gflop=None if xla_flops is None else xla_flops / 1e9,
-              analytic_gflop=flops / 1e9, compile_s=compile_s,
-              spread=(min(ts) * 1e3, max(ts) * 1e3))
+  def run(self, record: bool = True):
+    t, c = time.perf_counter(), time.process_time()
+    self.params = self.compiled(self.params, self.x, self.y)
+    jax.block_until_ready(self.params)
+    if record:
+      self.wall.append(time.perf_counter() - t)
+      self.cpu.append(time.process_time() - c)
+
+  def figures(self):
+    step_s = statistics.median(self.wall)
+    flops = 3 * 2 * mnist_cnn_macs(self.examples)
+    return dict(ms=step_s * 1e3, min_ms=min(self.wall) * 1e3, max_ms=max(self.wall) * 1e3,
+                ex_per_s=self.examples / step_s, gflops=flops / step_s / 1e9,
+                best_gflops=flops / min(self.wall) / 1e9,
+                xla_gflop=None if self.xla_flops is None else self.xla_flops / 1e9,
+                compile_s=self.compile_s, cpu_ms=statistics.median(self.cpu) * 1e3)
 
 
 def main(argv=None):
@@ -124,29 +137,41 @@ def main(argv=None):
   ap.add_argument("--models", type=int, default=4, help="vmapped models M")
   ap.add_argument("--clients", type=int, default=10, help="vmapped clients per model K")
   ap.add_argument("--batch", type=int, default=32, help="minibatch per client B")
-  ap.add_argument("--repeats", type=int, default=7)
+  ap.add_argument("--repeats", type=int, default=7, help="timed rounds")
   ap.add_argument("--variants", default="all",
                   help="comma-separated names (substring match) or 'all'")
   args = ap.parse_args(argv)
 
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
-  print(f"dense f32 matmul 2048^3: {matmul_gflops():.1f} GFLOP/s (median of 5)")
   m, k, b = args.models, args.clients, args.batch
   print(f"step = vmap(models={m}) x vmap(clients={k}) x grad+SGD on batch {b}: "
         f"{m * k * b} example-gradients, {3 * 2 * mnist_cnn_macs(m * k * b) / 1e9:.2f} "
         f"GFLOP analytic (2*MACs*3)")
   names = list(VARIANTS) if args.variants == "all" else [
       n for n in VARIANTS if any(s.strip() in n for s in args.variants.split(","))]
-  header = (f"{'variant':24s} {'ms/step':>9s} {'(min..max)':>17s} {'ex-steps/s':>11s} "
-            f"{'GFLOP/s':>8s} {'XLA GFLOP':>10s} {'compile s':>9s}")
+  variants = {}
+  for name in names:
+    variants[name] = Variant(VARIANTS[name], m, k, b)
+    print(f"compiled {name} in {variants[name].compile_s:.2f} s", flush=True)
+  # Interleaved rounds: a burst of load from other jobs then hits every
+  # variant alike instead of whichever happened to be running.
+  mm = []
+  for _ in range(args.repeats):
+    mm.append(matmul_gflops(repeats=1))
+    for v in variants.values():
+      v.run()
+  print(f"dense f32 matmul 2048^3: {statistics.median(mm):.1f} GFLOP/s "
+        f"(median of {len(mm)}, best {max(mm):.1f}), interleaved with the steps")
+  header = (f"{'variant':26s} {'ms/step':>8s} {'min..max':>13s} {'ex-steps/s':>10s} "
+            f"{'GFLOP/s':>7s} {'best':>5s} {'XLA GFLOP':>9s} {'compile s':>9s} {'cpu ms':>7s}")
   print(header)
   print("-" * len(header))
-  for name in names:
-    r = bench_variant(VARIANTS[name], m, k, b, args.repeats)
+  for name, v in variants.items():
+    r = v.figures()
     xla = "n/a" if r["xla_gflop"] is None else f"{r['xla_gflop']:.2f}"
-    print(f"{name:24s} {r['ms']:9.1f} {r['spread'][0]:8.0f}..{r['spread'][1]:<8.0f} "
-          f"{r['ex_per_s']:11.0f} {r['gflops']:8.1f} {xla:>10s} {r['compile_s']:9.2f}",
-          flush=True)
+    print(f"{name:26s} {r['ms']:8.1f} {r['min_ms']:6.0f}..{r['max_ms']:<6.0f} "
+          f"{r['ex_per_s']:10.0f} {r['gflops']:7.1f} {r['best_gflops']:5.1f} {xla:>9s} "
+          f"{r['compile_s']:9.2f} {r['cpu_ms']:7.0f}", flush=True)
 
 
 if __name__ == "__main__":
