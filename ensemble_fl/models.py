@@ -18,6 +18,7 @@ values from the same key.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -39,9 +40,12 @@ LAYOUTS = ("nhwc", "cnhw")
 # features in (C, kh, kw) order), "dilated" (nhwc only,
 # lax.conv_general_dilated_patches), "flat" (cnhw only: windows over the
 # flattened H*W axis, one contiguous run per (channel, image, tap); computes
-# Ho*W outputs per image and drops the kw-1 wrapped-around columns).
-PATCH_IMPLS = ("slices", "slices_cmajor", "dilated", "flat")
-POOL_IMPLS = ("reshape", "reduce_window", "pairwise")
+# Ho*W outputs per image and drops the kw-1 wrapped-around columns),
+# "taps" (nhwc only: the kh*kw window slices stacked on a new leading axis,
+# [kh*kw, B, Ho, Wo, C], each slice one contiguous block, contracted over
+# (tap, C) by one dot).
+PATCH_IMPLS = ("slices", "slices_cmajor", "dilated", "flat", "taps")
+POOL_IMPLS = ("reshape", "reduce_window", "pairwise", "mask")
 
 
 def _hwio_init(kernel_size: tuple[int, int], cin: int, base=None):
@@ -163,9 +167,17 @@ class PatchConv(nn.Module):
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
     dtype = self.dtype or x.dtype
     x = x.astype(dtype)
+    if self.layout == "nhwc" and self.patch_impl == "taps":
+      _, h, w, _ = x.shape
+      ho, wo = h - kh + 1, w - kw + 1
+      p = jnp.stack([x[:, i:i + ho, j:j + wo, :] for i in range(kh) for j in range(kw)])
+      k = kernel.reshape(kh * kw, cin, self.features).astype(dtype)
+      y = jnp.einsum("tbhwc,tco->bhwo", p, k).astype(jnp.float32)
+      return y + bias
     if self.layout == "nhwc":
-      p = extract_patches(x, self.kernel_size, self.patch_impl)
-      k = kernel if self.patch_impl == "slices" else _kernel_rows_cmajor(kernel, self.kernel_size, cin)
+      impl = self.patch_impl
+      p = extract_patches(x, self.kernel_size, impl)
+      k = kernel if impl == "slices" else _kernel_rows_cmajor(kernel, self.kernel_size, cin)
       y = jnp.einsum("bhwk,kc->bhwc", p, k.astype(dtype)).astype(jnp.float32)
       return y + bias
     if self.layout != "cnhw":
@@ -183,6 +195,39 @@ class PatchConv(nn.Module):
     return y + bias[:, None, None, None]
 
 
+def _window_shape(shape, spatial):
+  ha, wa = spatial
+  shape = list(shape)
+  return (shape[:ha] + [shape[ha] // 2, 2] + shape[ha + 1:wa] + [shape[wa] // 2, 2]
+          + shape[wa + 1:]), (ha + 1, wa + 2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_pool_mask(x: Array, spatial: tuple[int, int]) -> Array:
+  shape, axes = _window_shape(x.shape, spatial)
+  return x.reshape(shape).max(axis=axes)
+
+
+def _max_pool_mask_fwd(x, spatial):
+  y = _max_pool_mask(x, spatial)
+  return y, (x, y)
+
+
+def _max_pool_mask_bwd(spatial, res, g):
+  # One fused select instead of jnp.max's indicator/count/divide passes. On a
+  # tie every maximal entry gets the full cotangent (jnp.max splits it); ties
+  # need exactly equal pre-activations, since pooling runs before the ReLU.
+  x, y = res
+  shape, axes = _window_shape(x.shape, spatial)
+  xw = x.reshape(shape)
+  yb = jnp.expand_dims(y, axes)
+  gb = jnp.expand_dims(g, axes)
+  return (jnp.where(xw == yb, gb, jnp.zeros((), g.dtype)).reshape(x.shape),)
+
+
+_max_pool_mask.defvjp(_max_pool_mask_fwd, _max_pool_mask_bwd)
+
+
 def max_pool_2x2(x: Array, impl: str = "reshape", spatial: tuple[int, int] = (1, 2)) -> Array:
   """2x2 max pooling with stride 2 over the two (even) ``spatial`` axes.
 
@@ -190,7 +235,8 @@ def max_pool_2x2(x: Array, impl: str = "reshape", spatial: tuple[int, int] = (1,
     x: float array, e.g. ``[B, H, W, C]`` with ``spatial=(1, 2)`` or
       ``[C, B, H, W]`` with ``spatial=(2, 3)``.
     impl: ``"reshape"`` (reshape + max), ``"reduce_window"`` (nn.max_pool,
-      NHWC only) or ``"pairwise"`` (maximum of the four strided sub-grids).
+      NHWC only), ``"pairwise"`` (maximum of the four strided sub-grids) or
+      ``"mask"`` (reshape + max with a one-pass select gradient).
 
   Returns:
     ``x`` with both spatial sizes halved.
@@ -201,9 +247,10 @@ def max_pool_2x2(x: Array, impl: str = "reshape", spatial: tuple[int, int] = (1,
       raise ValueError("reduce_window pooling is NHWC only")
     return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
   if impl == "reshape":
-    shape = list(x.shape)
-    new = shape[:ha] + [shape[ha] // 2, 2] + shape[ha + 1:wa] + [shape[wa] // 2, 2] + shape[wa + 1:]
-    return x.reshape(new).max(axis=(ha + 1, wa + 2))
+    shape, axes = _window_shape(x.shape, spatial)
+    return x.reshape(shape).max(axis=axes)
+  if impl == "mask":
+    return _max_pool_mask(x, tuple(spatial))
   if impl == "pairwise":
     def sub(i, j):
       idx = [slice(None)] * x.ndim
@@ -226,8 +273,11 @@ class MnistCNN(nn.Module):
   Attributes:
     num_classes: logits width (10).
     conv_impl: ``"patches"`` (default, fast under vmap) or ``"lax"`` (nn.Conv).
-    layout: activation layout of ``"patches"``, one of :data:`LAYOUTS`.
-    patch_impl: patch extraction of ``"patches"``, one of :data:`PATCH_IMPLS`.
+    layout: activation layout of ``"patches"``, one of :data:`LAYOUTS`, or
+      ``"conv1_layout/conv2_layout"`` (e.g. ``"cnhw/nhwc"``: the pooled
+      conv1 maps are transposed between the two).
+    patch_impl: patch extraction of ``"patches"``, one of :data:`PATCH_IMPLS`
+      (valid for the layout), or ``"conv1_impl/conv2_impl"``.
     pool_impl: one of :data:`POOL_IMPLS`.
     dtype: computation dtype (None: the input's); params stay float32.
 
@@ -238,10 +288,20 @@ class MnistCNN(nn.Module):
 
   num_classes: int = 10
   conv_impl: str = "patches"
-  layout: str = "cnhw"
-  patch_impl: str = "flat"
+  # Fastest measured on the 2-core CPU (benchmarks/README.md): conv1 patches
+  # by lax.conv_general_dilated_patches (cin = 1: a plain conv with a shared
+  # one-hot kernel, never differentiated since its input is data), conv2
+  # patches by stacked slices, NHWC throughout, reshape+max pooling.
+  layout: str = "nhwc"
+  patch_impl: str = "dilated/slices"
   pool_impl: str = "reshape"
   dtype: Any = None
+
+  def _per_layer(self, value: str) -> tuple[str, str]:
+    parts = value.split("/")
+    if len(parts) not in (1, 2):
+      raise ValueError(f"expected 'a' or 'conv1/conv2', got {value!r}")
+    return (parts[0], parts[-1])
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -249,23 +309,35 @@ class MnistCNN(nn.Module):
       x = x[..., None]
     b = x.shape[0]
     if self.conv_impl == "lax":
-      conv = lambda f, name: nn.Conv(f, (5, 5), padding="VALID", dtype=self.dtype, name=name)
-      layout = "nhwc"
+      layouts, impls = ("nhwc", "nhwc"), (None, None)
     elif self.conv_impl == "patches":
-      conv = lambda f, name: PatchConv(f, (5, 5), self.patch_impl, self.layout, self.dtype,
-                                       name=name)
-      layout = self.layout
+      layouts, impls = self._per_layer(self.layout), self._per_layer(self.patch_impl)
+      for lay in layouts:
+        if lay not in LAYOUTS:
+          raise ValueError(f"unknown layout {lay!r}; expected one of {LAYOUTS}")
     else:
       raise ValueError(f"unknown conv impl {self.conv_impl!r}; expected one of {CONV_IMPLS}")
-    spatial = (1, 2) if layout == "nhwc" else (2, 3)
-    if layout == "cnhw":
-      x = jnp.transpose(x, (3, 0, 1, 2))             # [1, B, 28, 28]
-    x = conv(20, "conv1")(x)                         # [.., 24, 24, ..]
-    x = nn.relu(max_pool_2x2(x, self.pool_impl, spatial))   # [.., 12, 12, ..]
-    x = conv(50, "conv2")(x)                         # [.., 8, 8, ..]
-    x = nn.relu(max_pool_2x2(x, self.pool_impl, spatial))   # [.., 4, 4, ..]
-    if layout == "cnhw":
-      x = jnp.transpose(x, (1, 2, 3, 0))             # [B, 4, 4, 50]
+
+    def conv(x, features, i):
+      name = f"conv{i + 1}"
+      if self.conv_impl == "lax":
+        return nn.Conv(features, (5, 5), padding="VALID", dtype=self.dtype, name=name)(x)
+      return PatchConv(features, (5, 5), impls[i], layouts[i], self.dtype, name=name)(x)
+
+    def to_layout(x, current, wanted):
+      if current == wanted:
+        return x
+      return jnp.transpose(x, (3, 0, 1, 2) if wanted == "cnhw" else (1, 2, 3, 0))
+
+    def pool(x, lay):
+      return nn.relu(max_pool_2x2(x, self.pool_impl, (1, 2) if lay == "nhwc" else (2, 3)))
+
+    x = to_layout(x, "nhwc", layouts[0])             # [B, 28, 28, 1] or [1, B, 28, 28]
+    x = pool(conv(x, 20, 0), layouts[0])             # 24x24 -> 12x12, 20 channels
+    # A layout switch happens here, on the pooled (4x smaller) maps.
+    x = to_layout(x, layouts[0], layouts[1])
+    x = pool(conv(x, 50, 1), layouts[1])             # 8x8 -> 4x4, 50 channels
+    x = to_layout(x, layouts[1], "nhwc")             # [B, 4, 4, 50]
     x = x.reshape(b, -1)                             # [B, 800], NHWC order
     x = nn.relu(nn.Dense(512, dtype=self.dtype, name="fc1")(x))
     x = nn.Dense(self.num_classes, dtype=self.dtype, name="fc2")(x)

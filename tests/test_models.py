@@ -78,6 +78,10 @@ ALL_PATCH_CONFIGS = [
 ] + [
     dict(layout="cnhw", patch_impl=pi, pool_impl=po)
     for pi, po in (("flat", "reshape"), ("flat", "pairwise"), ("slices", "reshape"))
+] + [
+    dict(layout="nhwc", patch_impl="taps/slices", pool_impl="mask"),
+    dict(layout="nhwc", patch_impl="taps", pool_impl="reshape"),
+    dict(layout="cnhw/nhwc", patch_impl="flat/slices", pool_impl="reshape"),
 ]
 
 
@@ -133,14 +137,16 @@ def test_patch_conv_layer_against_numpy_loops():
     np.testing.assert_allclose(np.transpose(out, (1, 2, 3, 0)), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_gradients_match_nn_conv():
+@pytest.mark.parametrize("cfg", [{}, dict(layout="nhwc", patch_impl="slices", pool_impl="mask")],
+                         ids=["default", "mask_pool"])
+def test_gradients_match_nn_conv(cfg):
   model, params = _init_lax(4)
   y = jnp.array([1, 7, 3])
   def loss(m, p):
     logits = m.apply(p, X_MNIST)
     return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(3), y])
   g_ref = conv_params_to_patches(jax.grad(lambda p: loss(model, p))(params))
-  g = jax.grad(lambda p: loss(MnistCNN(), p))(conv_params_to_patches(params))
+  g = jax.grad(lambda p: loss(MnistCNN(**cfg), p))(conv_params_to_patches(params))
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                          g, g_ref)
 
