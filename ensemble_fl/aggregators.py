@@ -67,10 +67,20 @@ def weighted_mean(updates: PyTree, weights: jax.Array,
   def leaf_mean(u):
     # where, not multiply: a padded slot holding inf/NaN must not leak as 0*inf.
     u = jnp.where(_expand(mask, u), u, jnp.zeros((), u.dtype))
-    w = _expand(weights, u).astype(u.dtype)
-    return jnp.sum(u * w, axis=0) / total.astype(u.dtype)
+    return _client_dot((weights / total).astype(u.dtype), u)
 
   return jax.tree_util.tree_map(leaf_mean, updates)
+
+
+def _client_dot(v: jax.Array, u: jax.Array) -> jax.Array:
+  """``sum_i v[i] * u[i]`` over the client axis, as a matrix-vector product.
+
+  Written as a dot, not ``sum(v * u, axis=0)``: XLA:CPU lowers that
+  reduction over the leading axis to a slow strided loop (it made the whole
+  FedAvg round ~2x slower under vmap); the dot runs at matmul speed. HIGHEST
+  precision keeps float32 on accelerators (no TF32/bf16 passes).
+  """
+  return jnp.tensordot(v, u, axes=1, precision=jax.lax.Precision.HIGHEST)
 
 
 def _sorted_real_first(u: jax.Array, mask: jax.Array) -> jax.Array:
@@ -138,10 +148,13 @@ def trimmed_mean(updates: PyTree, beta: float,
   keep = (pos >= t) & (pos < c - t)
   count = (c - 2 * t)
 
+  share = keep.astype(jnp.float32) / count.astype(jnp.float32)
+
   def leaf_trim(u):
     srt = _sorted_real_first(u, mask)
+    # Trimmed and padded slots (+inf) must give 0, not 0 * inf.
     srt = jnp.where(_expand(keep, srt), srt, jnp.zeros((), u.dtype))
-    return jnp.sum(srt, axis=0) / count.astype(u.dtype)
+    return _client_dot(share.astype(u.dtype), srt)
 
   return jax.tree_util.tree_map(leaf_trim, updates)
 
