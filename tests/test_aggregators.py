@@ -185,3 +185,26 @@ def test_rules_are_jittable_with_traced_mask():
   got = jax.jit(jax.vmap(lambda m: aggregators.coordinate_median(u, m)))(masks)
   for row, m in enumerate(masks):
     np.testing.assert_allclose(got["b"][row], np_median(u["b"][m]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("s", [1, 2, 3, 8, 11, aggregators.NETWORK_SORT_MAX,
+                               aggregators.NETWORK_SORT_MAX + 5])
+def test_client_sort_network_and_fallback_match_numpy(s):
+  rng = np.random.default_rng(s)
+  u = rng.integers(-3, 4, size=(s, 7)).astype(np.float32)  # many ties
+  u[rng.random((s, 7)) < 0.2] = np.inf
+  np.testing.assert_array_equal(aggregators._sort_clients(u), np.sort(u, axis=0))
+
+
+def test_median_and_trimmed_mean_on_wide_padded_subsets():
+  # Wider than the sorting network: the jnp.sort path, with padding.
+  s = aggregators.NETWORK_SORT_MAX + 8
+  rng = np.random.default_rng(1)
+  u = make_updates(rng, s)
+  mask = rng.random(s) < 0.7
+  got_med = aggregators.coordinate_median(poison_padding(u, mask), mask)
+  got_trim = aggregators.trimmed_mean(poison_padding(u, mask), 0.2, mask)
+  for name in u:
+    np.testing.assert_allclose(got_med[name], np_median(u[name][mask]), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got_trim[name], np_trimmed_mean(u[name][mask].astype(np.float64),
+                                                               0.2), rtol=1e-5, atol=1e-6)
