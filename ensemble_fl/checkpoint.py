@@ -136,6 +136,9 @@ class ChunkStore:
   def load(self, index: int, like: Any) -> Any:
     """Reads chunk ``index`` into the structure of the pytree ``like``.
 
+    ``like``'s leaves may be arrays or ``jax.ShapeDtypeStruct``s; only their
+    structure and shapes are used.
+
     Raises:
       ValueError: the file holds a different number of leaves or shapes than
         ``like`` (a corrupted or foreign chunk).
@@ -148,6 +151,7 @@ class ChunkStore:
         raise ValueError(f"chunk {index} in {self.chunk_dir} has {len(names)} arrays, expected {len(like_leaves)}")
       leaves = [data[name] for name in names]
     for name, got, want in zip(names, leaves, like_leaves):
-      if got.shape != np.shape(want):
-        raise ValueError(f"chunk {index}: {name} has shape {got.shape}, expected {np.shape(want)}")
+      want_shape = tuple(want.shape) if hasattr(want, "shape") else np.shape(want)
+      if got.shape != want_shape:
+        raise ValueError(f"chunk {index}: {name} has shape {got.shape}, expected {want_shape}")
     return jax.tree_util.tree_unflatten(treedef, leaves)

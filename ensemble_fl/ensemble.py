@@ -41,6 +41,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import os
 from typing import Any, Callable
 
 import jax
@@ -49,7 +50,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ensemble_fl import fedavg as fedavg_lib
+from ensemble_fl.checkpoint import ChunkStore, array_digest
 from ensemble_fl.clients import ClientData, validate_clients
+from ensemble_fl.distributed import is_main_process, to_global, to_host
 
 PyTree = Any
 
@@ -233,26 +236,6 @@ def _mesh() -> Mesh:
   return Mesh(np.asarray(jax.devices()), ("models",))
 
 
-def _to_device(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
-  """Places a host array (identical on every process) with ``sharding``.
-
-  ``make_array_from_callback`` hands each device only its own shard, and
-  unlike ``device_put`` it also builds arrays spanning devices of other
-  processes (multi-process ``jax.distributed`` runs); on one process it is
-  the same as ``device_put``.
-  """
-  host = np.asarray(host)
-  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-
-def _to_host(array: jax.Array) -> np.ndarray:
-  """Fetches a (possibly multi-process) array whole onto every host."""
-  if array.is_fully_addressable:
-    return np.asarray(array)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-
-
 def _round_chunk(chunk_size: int | None, num_models: int, num_devices: int) -> int:
   """Models per compiled call.
 
@@ -320,10 +303,31 @@ def _validate_plan(plan: SubsamplePlan, n: int, config: fedavg_lib.FedAvgConfig)
         f"needs at least {config.min_clients()}")
 
 
+def _fingerprint(config, plan, clients, template, chunk, num_devices, extra) -> dict[str, Any]:
+  """Everything that determines a checkpointed run's chunks (see ChunkStore)."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(template)
+  return {
+      "format": 1,
+      "fedavg": dataclasses.asdict(config),
+      "plan": {"mode": plan.mode, "n": plan.n, "k": plan.k,
+               "num_models": plan.num_models,
+               "digest": array_digest(plan.subsets, plan.keys)},
+      "clients": array_digest(clients.x, clients.y, clients.sizes),
+      "params": [[jax.tree_util.keystr(path), list(leaf.shape), str(leaf.dtype)]
+                 for path, leaf in leaves],
+      # Bit-identity holds for a fixed chunk program on a fixed device set.
+      "chunk_size": chunk,
+      "devices": [num_devices, jax.default_backend()],
+      "extra": extra or {},
+  }
+
+
 def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.ApplyFn,
                    clients: ClientData, plan: SubsamplePlan, config: fedavg_lib.FedAvgConfig,
                    *, chunk_size: int | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> PyTree:
+                   progress: Callable[[int, int], None] | None = None,
+                   checkpoint_dir: str | os.PathLike | None = None,
+                   fingerprint_extra: dict[str, Any] | None = None) -> PyTree:
   """Trains one FedAvg global model per plan row.
 
   Args:
@@ -337,14 +341,24 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
       ``DEFAULT_CHUNK_SIZE``); evened out over the chunks and rounded up to a
       multiple of the device count. On one device results are bit-identical
       for every chunk size; across device counts they agree to float rounding.
-    progress: called as ``progress(models_done, models_total)`` after each chunk.
+    progress: called as ``progress(models_done, models_total)`` after each chunk
+      (and once up front when chunks were resumed from ``checkpoint_dir``).
+    checkpoint_dir: when given, every finished chunk is written there
+      atomically (:class:`~ensemble_fl.checkpoint.ChunkStore`), and chunks
+      already there are loaded instead of trained: a run killed at any point
+      and restarted with the same arguments loses at most the chunks in
+      flight and ends with the same parameters as an uninterrupted run.
+    fingerprint_extra: JSON-serialisable facts that also determine the models
+      but are invisible here (e.g. the model's architecture name); stored in
+      the checkpoint's fingerprint.
 
   Returns:
     Host numpy params pytree; every leaf has a leading model axis ``N``.
 
   Raises:
     ValueError: bad clients (see ``validate_clients``), plan/clients mismatch,
-      subsets too small for the aggregator.
+      subsets too small for the aggregator, or a ``checkpoint_dir`` written
+      by a run with a different configuration.
   """
   if not isinstance(config, fedavg_lib.FedAvgConfig):
     raise ValueError(f"config must be a FedAvgConfig, got {type(config).__name__}")
@@ -360,29 +374,48 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
   chunk = _round_chunk(chunk_size, total, num_devices)
 
   # Placed once for the whole run, replicated: every model of every chunk reads it.
-  x = _to_device(np.asarray(clients.x, np.float32), replicated)
-  y = _to_device(np.asarray(clients.y, np.int32), replicated)
-  sizes = _to_device(np.asarray(clients.sizes, np.int32), replicated)
+  x = to_global(np.asarray(clients.x, np.float32), replicated)
+  y = to_global(np.asarray(clients.y, np.int32), replicated)
+  sizes = to_global(np.asarray(clients.sizes, np.int32), replicated)
   subsets_all = np.asarray(plan.subsets, np.int32)
   keys_all = np.asarray(plan.keys, np.uint32)
 
   def launch(start):
     stop = min(start + chunk, total)
-    keys = _to_device(_pad_rows(keys_all[start:stop], chunk), model_sharding)
-    subsets = _to_device(_pad_rows(subsets_all[start:stop], chunk), model_sharding)
+    keys = to_global(_pad_rows(keys_all[start:stop], chunk), model_sharding)
+    subsets = to_global(_pad_rows(subsets_all[start:stop], chunk), model_sharding)
     out = _train_chunk(init_fn, apply_fn, config, model_sharding, keys, subsets, x, y, sizes)
     return stop - start, out
 
-  results = []
+  starts = list(range(0, total, chunk))
+  results: list[Any] = [None] * len(starts)
   done = 0
-  pending = launch(0)
-  for start in range(chunk, total + chunk, chunk):
+  store = None
+  if checkpoint_dir is not None:
+    template = jax.eval_shape(init_fn, jax.ShapeDtypeStruct((2,), jnp.uint32))
+    store = ChunkStore(checkpoint_dir, _fingerprint(
+        config, plan, clients, template, chunk, num_devices, fingerprint_extra))
+    for i, start in enumerate(starts):
+      if store.has(i):
+        count = min(chunk, total - start)
+        like = jax.tree_util.tree_map(
+            lambda t, c=count: jax.ShapeDtypeStruct((c, *t.shape), t.dtype), template)
+        results[i] = store.load(i, like)
+        done += count
+    if done and progress is not None:
+      progress(done, total)
+  todo = [i for i, r in enumerate(results) if r is None]
+
+  pending = launch(starts[todo[0]]) if todo else None
+  for j, i in enumerate(todo):
     # Dispatch the next chunk before fetching this one: the device never
     # waits on the host copy.
-    nxt = launch(start) if start < total else None
+    nxt = launch(starts[todo[j + 1]]) if j + 1 < len(todo) else None
     count, out = pending
-    host = jax.tree_util.tree_map(lambda a, c=count: _to_host(a)[:c], out)
-    results.append(host)
+    host = jax.tree_util.tree_map(lambda a, c=count: to_host(a)[:c], out)
+    if store is not None and is_main_process():
+      store.save(i, host)
+    results[i] = host
     done += count
     if progress is not None:
       progress(done, total)
@@ -445,15 +478,15 @@ def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray,
   chunk = _round_chunk(chunk_size, total, mesh.devices.size)
   num_batches = -(-d // bs)
   x_pad = np.concatenate([x, np.repeat(x[:1], num_batches * bs - d, axis=0)], axis=0)
-  x_dev = [_to_device(x_pad[b * bs:(b + 1) * bs], replicated) for b in range(num_batches)]
+  x_dev = [to_global(x_pad[b * bs:(b + 1) * bs], replicated) for b in range(num_batches)]
 
   out = np.empty((total, d), np.int32)
   for start in range(0, total, chunk):
     stop = min(start + chunk, total)
     params = jax.tree_util.tree_map(
-        lambda l: _to_device(_pad_rows(np.asarray(l[start:stop]), chunk), model_sharding),
+        lambda l: to_global(_pad_rows(np.asarray(l[start:stop]), chunk), model_sharding),
         stacked_params)
     labels = [_predict_chunk(apply_fn, params, xb) for xb in x_dev]
-    labels = np.concatenate([_to_host(l) for l in labels], axis=1)
+    labels = np.concatenate([to_host(l) for l in labels], axis=1)
     out[start:stop] = labels[: stop - start, :d]
   return out

@@ -1,0 +1,102 @@
+"""Multi-process runs on JAX's own runtime (``jax.distributed``).
+
+The ensemble's model axis is embarrassingly parallel, so scaling past one
+machine needs only three things, all provided by JAX itself:
+
+1. every process joins one runtime (:func:`initialize`), after which
+   ``jax.devices()`` lists the devices of *all* processes;
+2. host arrays that every process holds identically (the plan, the client
+   data) become global arrays sharded over that global mesh
+   (:func:`to_global`);
+3. results come back to every host (:func:`to_host`), and only process 0
+   writes files (:func:`is_main_process`).
+
+On one process (2) and (3) reduce to ``jax.device_put`` and ``np.asarray``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+_initialized = False
+
+
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    local_device_count: int | None = None,
+) -> None:
+  """Joins this process to a multi-process JAX runtime.
+
+  With no arguments JAX detects the cluster (SLURM, Cloud TPU, Open MPI,
+  Kubernetes). With explicit arguments all three must be given. On CPU the
+  collectives go through gloo, and ``local_device_count`` (when given) sets
+  how many CPU devices this process exposes, which lets tests run a
+  multi-process mesh on one machine.
+
+  Must run before any other JAX computation in the process.
+
+  Raises:
+    ValueError: only some of the explicit arguments are given, or
+      ``num_processes``/``process_id`` are out of range.
+  """
+  global _initialized
+  explicit = (coordinator_address, num_processes, process_id)
+  if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
+    raise ValueError(
+        "give all of coordinator_address, num_processes and process_id, or none of them "
+        "(to auto-detect SLURM/TPU/MPI)")
+  if num_processes is not None and num_processes < 1:
+    raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+  if process_id is not None and not 0 <= process_id < num_processes:
+    raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
+  if local_device_count is not None:
+    if local_device_count < 1:
+      raise ValueError(f"local_device_count must be >= 1, got {local_device_count}")
+    jax.config.update("jax_num_cpu_devices", local_device_count)
+  # CPU backends need a collectives implementation to talk across processes.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(
+      coordinator_address=coordinator_address,
+      num_processes=num_processes,
+      process_id=process_id,
+  )
+  _initialized = True
+
+
+def is_multiprocess() -> bool:
+  return jax.process_count() > 1
+
+
+def is_main_process() -> bool:
+  """True on the one process that writes results (process 0)."""
+  return jax.process_index() == 0
+
+
+def to_global(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+  """Places a host array, identical on every process, with ``sharding``.
+
+  ``make_array_from_callback`` hands each device only its own shard and,
+  unlike ``device_put``, also builds arrays spanning devices of other
+  processes; on one process it is the same as ``device_put``.
+  """
+  host = np.asarray(host)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+  """Fetches a (possibly multi-process, sharded) array whole onto every host."""
+  if array.is_fully_addressable:
+    return np.asarray(array)
+  return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def env_flag_distributed() -> bool:
+  """True when the environment asks for a multi-process run (ENSEMBLE_FL_DISTRIBUTED=1)."""
+  return os.environ.get("ENSEMBLE_FL_DISTRIBUTED", "") not in ("", "0", "false", "False")
