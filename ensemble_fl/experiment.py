@@ -95,11 +95,16 @@ _PAPER = {
     "har": ExperimentConfig(dataset="har", n_clients=30, k=2, global_iters=5000),
 }
 
-# CPU-sized settings: a few minutes on 2 cores, same data and models; fewer
-# rounds and models, a larger step size. Explicit flags override them.
+# CPU-sized settings: a few minutes on 2 cores, same data, models, n, k and α.
+# Fewer rounds and models, a larger step size and, for MNIST, a smaller batch
+# (more SGD steps for the same arithmetic) and the first 1,000 test images
+# (prediction costs N x d forward passes). Explicit flags override them. No
+# MNIST baseline by default: one round of single FedAvg on all n = 1000
+# clients costs as much as one round of n / k = 100 ensemble models.
 _CPU_OVERRIDES = {
-    "mnist": dict(num_models=100, global_iters=10, lr=0.05, baseline=True),
-    "har": dict(global_iters=30, lr=0.05, baseline=True),
+    "mnist": dict(num_models=40, global_iters=15, lr=0.1, batch_size=8, test_size=1000,
+                  chunk_size=8),
+    "har": dict(global_iters=10, lr=0.05, baseline=True),
 }
 
 
@@ -477,25 +482,39 @@ def run(
       timings=timings)
 
 
-def recertify(result: ExperimentResult, alpha: float) -> ExperimentResult:
-  """The same predictions certified at another α (no retraining).
+def recertify(result: ExperimentResult, *, alpha: float | None = None,
+              num_models: int | None = None) -> ExperimentResult:
+  """The same votes certified again, without retraining.
 
-  Outside Monte Carlo mode the certificate does not depend on α and the
-  result is returned with only its config changed.
+  Args:
+    result: a finished run.
+    alpha: certify at this α instead (outside Monte Carlo mode the
+      certificate does not depend on α; only the config changes).
+    num_models: keep only the first ``num_models`` models (Monte Carlo mode:
+      the trainer's plan of N models is a prefix of any larger plan, so this
+      is exactly the ensemble a run with ``--N num_models`` trains).
   """
-  _require(0.0 < alpha < 1.0, f"alpha must be in (0, 1), got {alpha!r}")
-  cfg = dataclasses.replace(result.config, alpha=alpha)
+  cfg, predictions = result.config, result.predictions
+  if alpha is not None:
+    _require(0.0 < alpha < 1.0, f"alpha must be in (0, 1), got {alpha!r}")
+    cfg = dataclasses.replace(cfg, alpha=alpha)
+  if num_models is not None:
+    _require(result.mode == "monte_carlo" and 1 <= num_models <= result.num_models,
+             f"can keep 1..{result.num_models} models of a Monte Carlo ensemble only, "
+             f"got {num_models} ({result.mode} mode)")
+    cfg = dataclasses.replace(cfg, num_models=num_models)
+    predictions = predictions[:num_models]
   start = time.perf_counter()
-  certificate = certify_predictions(cfg, result.predictions, num_classes=result.num_classes,
+  certificate = certify_predictions(cfg, predictions, num_classes=result.num_classes,
                                     mode=result.mode, n=result.n)
   m_values, ca = certified_accuracy_curve(certificate, result.y_true)
   timings = dict(result.timings, certify=time.perf_counter() - start)
   baseline_ca = None if result.baseline_labels is None else \
       baseline_curve(result.baseline_labels, result.y_true, m_values)
   return dataclasses.replace(
-      result, config=cfg, certificate=certificate,
-      alpha=alpha if result.mode == "monte_carlo" else None, m_values=m_values, ca=ca,
-      baseline_ca=baseline_ca, timings=timings)
+      result, config=cfg, predictions=predictions, num_models=len(predictions),
+      certificate=certificate, alpha=cfg.alpha if result.mode == "monte_carlo" else None,
+      m_values=m_values, ca=ca, baseline_ca=baseline_ca, timings=timings)
 
 
 # The parameters a sweep can vary: flag name -> config field.
@@ -531,9 +550,13 @@ def run_sweep(
 ):
   """Yields ``(value, ExperimentResult)`` for each value of ``param``, in order.
 
-  An α sweep trains and predicts once and certifies the same predictions at
-  every α (the models do not depend on α). The data is loaded once, except in
-  a q sweep (the client split depends on q).
+  Nothing is trained twice when it need not be:
+  - α: one training; the same votes are certified at every α (the models do
+    not depend on α).
+  - N in Monte Carlo mode: one training of the largest ensemble; a smaller N
+    keeps its first N models, which are exactly the models a run with that N
+    trains (the trainer's Monte Carlo plans are prefixes of each other).
+  The data is loaded once, except in a q sweep (the client split depends on q).
 
   Args:
     data: the data of the *first* value's config, when already loaded.
@@ -544,7 +567,17 @@ def run_sweep(
     first = run(configs[0], data=data, timings=timings, progress_factory=progress_factory,
                 log=log)
     for value in values:
-      yield value, recertify(first, value)
+      yield value, recertify(first, alpha=value)
+    return
+  if param == "N" and all(
+      resolve_ensemble(c.mode, n=c.n_clients, k=c.k, num_models=c.num_models)[0]
+      == "monte_carlo" for c in configs):
+    largest = max(values)
+    log(f"N sweep: training N = {largest} models once; each smaller N uses its first N models")
+    full = run(dataclasses.replace(cfg, num_models=largest), data=data, timings=timings,
+               progress_factory=progress_factory, log=log)
+    for value in values:
+      yield value, recertify(full, num_models=value)
     return
   for i, (value, c) in enumerate(zip(values, configs)):
     log(f"--- {param} = {value}")
@@ -679,8 +712,12 @@ def cli_main(dataset: str, argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     data = load_data(cfg)
   out_dir = args.out or default_out_dir(dataset)
-  result = run(cfg, data=data, timings={"load_data": time.perf_counter() - start},
-               progress_factory=progress_lib.ProgressBar)
+  try:
+    result = run(cfg, data=data, timings={"load_data": time.perf_counter() - start},
+                 progress_factory=progress_lib.ProgressBar)
+  except KeyboardInterrupt:
+    print("\ninterrupted: nothing written", file=sys.stderr)
+    return 130
   paths = results.write_outputs(out_dir, result)
   print(results.summary_table(result))
   print(f"outputs: {', '.join(str(p) for p in paths)}")

@@ -21,16 +21,17 @@ _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
 def _pyplot():
-  """``matplotlib.pyplot`` on the Agg backend, or None (with a warning) if missing."""
+  """``(matplotlib.pyplot, MaxNLocator)`` on the Agg backend, or Nones (with a warning)."""
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+    from matplotlib.ticker import MaxNLocator  # pylint: disable=g-import-not-at-top
   except ImportError:
     warnings.warn("matplotlib is not installed: skipping the figure "
                   "(pip install matplotlib to get it)", stacklevel=3)
-    return None
-  return plt
+    return None, None
+  return plt, MaxNLocator
 
 
 def plot_curves(
@@ -46,7 +47,7 @@ def plot_curves(
   Returns:
     The path written, or None when matplotlib is unavailable.
   """
-  plt = _pyplot()
+  plt, MaxNLocator = _pyplot()  # pylint: disable=invalid-name
   if plt is None:
     return None
   fig, ax = plt.subplots(figsize=(5.5, 4.0), dpi=120)
@@ -61,6 +62,7 @@ def plot_curves(
     ax.set_ylabel(ylabel)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlim(left=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # m counts clients
     ax.grid(True, alpha=0.3)
     if title:
       ax.set_title(title, fontsize=10)

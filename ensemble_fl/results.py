@@ -151,6 +151,7 @@ def run_title(result: experiment.ExperimentResult) -> str:
   if result.alpha is not None:
     parts.append(f"α={result.alpha:g}")
   parts.append(result.mode.replace("_", " "))
+  parts.append(f"d={len(result.y_true)}")
   return ", ".join(parts)
 
 
@@ -186,7 +187,7 @@ def _seconds(t: float) -> str:
 def summary_table(result: experiment.ExperimentResult) -> str:
   """A plain-text table of CA@m (ensemble vs single FedAvg) and wall times."""
   has_base = result.baseline_ca is not None
-  lines = [run_title(result) + f", {len(result.y_true)} test inputs", ""]
+  lines = [run_title(result) + " test inputs", ""]
   header = f"{'m':>4}  {'ensemble':>9}" + (f"  {'single FedAvg':>13}" if has_base else "")
   lines += [header, "-" * len(header)]
   for m in table_rows(int(result.m_values[-1])):
@@ -259,5 +260,5 @@ def sweep_summary(param: str, runs: list[tuple[Any, experiment.ExperimentResult]
   for mi in table_rows(int(m[-1])):
     lines.append(f"{mi:>4}  " + "  ".join(f"{table[s][mi]:>{width}.4f}" for s in labels))
   lines.append(f"wall time: {_seconds(wall_seconds)} for {len(runs)} runs"
-               + (" (one training; α only changes the certificate)" if param == "alpha" else ""))
+               + (" (one training: α only changes the certificate)" if param == "alpha" else ""))
   return "\n".join(lines)

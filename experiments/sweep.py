@@ -8,7 +8,9 @@ Usage:
 Every flag of experiments/<dataset>.py passes through (the preset, --global-iters,
 --data-dir, ...). Each value's run goes to <out>/<param>=<value>/ (the files of
 experiments/mnist.py), and <out>/sweep.csv, <out>/sweep.png hold one CA@m curve
-per value. An α sweep trains once and certifies the same predictions at each α.
+per value. An α sweep trains once and certifies the same votes at each α; an N
+sweep in Monte Carlo mode trains the largest ensemble once and certifies its
+first N models for each N (exactly the ensemble a run with that N trains).
 HAR sweeps of N or α use k=4 unless --k is given (the paper's choice: k=2 is
 exact, where neither N nor α matters). The single-FedAvg baseline is off unless
 --baseline is given.

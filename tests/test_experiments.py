@@ -51,7 +51,7 @@ def run_cli(script, *args, check=True):
 
 @pytest.fixture(scope="module")
 def cli_runs(tmp_path_factory):
-  """Starts the three end-to-end runs at once (compilation is mostly single-threaded,
+  """Starts the end-to-end runs at once (compilation is mostly single-threaded,
   so they overlap well on 2 cores) and returns ``{name: (out_dir, CompletedProcess)}``."""
   root = tmp_path_factory.mktemp("cli")
   jobs = {}
@@ -61,6 +61,8 @@ def cli_runs(tmp_path_factory):
     jobs["har"] = ("har.py", *HAR_TINY)
     jobs["alpha_sweep"] = ("sweep.py", "--dataset", "har", "--param", "alpha", "--values", "0.5",
                            "0.01", *TINY, "--k", "2", "--N", "16", "--test-size", "100")
+    jobs["n_sweep"] = ("sweep.py", "--dataset", "har", "--param", "N", "--values", "8", "4",
+                       *TINY, "--k", "2", "--test-size", "100")
   started = {}
   for name, (script, *args) in jobs.items():
     out = root / name
@@ -194,6 +196,22 @@ def test_alpha_sweep_certifies_one_training_at_each_alpha(cli_runs):
     assert column[:len(curve)] == curve and all(c == 0.0 for c in column[len(curve):])
   assert proc.stderr.count("16/16") == 1, "an α sweep trains once"
   assert "α=0.5" in proc.stdout
+
+
+def test_n_sweep_trains_the_largest_ensemble_once_and_uses_its_prefixes(cli_runs):
+  out, proc = get_run(cli_runs, "n_sweep")
+  header, _ = read_csv(out / "sweep.csv")
+  assert header == ["m", "N=8", "N=4"]
+  big = check_run_folder(out / "N=8", baseline=False)
+  small = check_run_folder(out / "N=4", baseline=False)
+  assert big[0]["num_models"] == 8 and small[0]["num_models"] == 4
+  np.testing.assert_array_equal(small[1]["model_labels"], big[1]["model_labels"][:4])
+  assert "8/8" in proc.stderr and "4/4" not in proc.stderr
+  # The prefix property end to end: the α sweep above trained N = 16 models with the
+  # same flags; its first 8 are the N = 8 ensemble.
+  alpha_out, _ = get_run(cli_runs, "alpha_sweep")
+  with np.load(alpha_out / "alpha=0.5" / "predictions.npz") as z:
+    np.testing.assert_array_equal(z["model_labels"][:8], big[1]["model_labels"])
 
 
 # ------------------------------------------------------------ bad flags
