@@ -73,6 +73,9 @@ NOT_CERTIFIED = -1
 # is within 1e-10 relative of a threshold.
 _CP_SAFETY_MARGIN = 1e-10
 
+# Largest d * num_classes vote-count table `certify` builds (8 GB of int64).
+_MAX_COUNT_CELLS = 10**9
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Certificate:
@@ -150,16 +153,16 @@ def _check_n_k(n: Any, k: Any) -> tuple[int, int]:
   return n, k
 
 
-def _check_alpha(alpha) -> float:
+def _check_alpha(alpha, name: str = "alpha") -> float:
   """alpha must be a real number strictly between 0 and 1."""
   if alpha is None:
-    raise ValueError("alpha is required in monte_carlo mode")
+    raise ValueError(f"{name} is required in monte_carlo mode")
   if isinstance(alpha, (bool, np.bool_)) or not isinstance(
       alpha, (numbers.Real, np.floating, np.integer)):
-    raise ValueError(f"alpha must be a number in (0, 1), got {alpha!r}")
+    raise ValueError(f"{name} must be a number in (0, 1), got {alpha!r}")
   alpha = float(alpha)
   if not 0.0 < alpha < 1.0:  # NaN fails too
-    raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    raise ValueError(f"{name} must lie in (0, 1), got {alpha}")
   return alpha
 
 
@@ -282,7 +285,18 @@ def clopper_pearson_lower(top_count, num_models: int, alpha_per_input: float
     down by a relative `_CP_SAFETY_MARGIN` and one more ulp toward 0, so each
     is <= the exact quantile; 0 where the count is 0.
   """
-  counts = np.asarray(top_count, dtype=np.int64)
+  num_models = _check_int("num_models", num_models, 1)
+  alpha_per_input = _check_alpha(alpha_per_input, "alpha_per_input")
+  counts = np.asarray(top_count)
+  if counts.dtype == object or not (
+      np.issubdtype(counts.dtype, np.integer) or counts.size == 0):
+    raise ValueError(
+        f"top_count must be integer counts, got dtype {counts.dtype}")
+  if counts.size and (counts.min() < 0 or counts.max() > num_models):
+    raise ValueError(
+        f"top_count must lie in [0, num_models={num_models}], found values "
+        f"in [{counts.min()}, {counts.max()}]")
+  counts = counts.astype(np.int64)
   safe = np.maximum(counts, 1)  # betaincinv needs a > 0; masked below
   q = special.betaincinv(safe.astype(np.float64),
                          (num_models - safe + 1).astype(np.float64),
@@ -311,6 +325,11 @@ def _check_predictions(predictions, num_classes) -> tuple[np.ndarray, int]:
     raise ValueError(
         f"predictions is empty (shape {preds.shape}): need N >= 1 models "
         "and d >= 1 inputs")
+  if preds.shape[1] * num_classes > _MAX_COUNT_CELLS:
+    raise ValueError(
+        f"num_classes = {num_classes} is too large: the [d, num_classes] vote "
+        f"counts of d = {preds.shape[1]} inputs would exceed "
+        f"{_MAX_COUNT_CELLS} cells")
   lo, hi = int(preds.min()), int(preds.max())
   if lo < 0 or hi >= num_classes:
     raise ValueError(
@@ -385,6 +404,7 @@ def monte_carlo_level_table(num_models: int, n: int, k: int,
     the input must abstain (p_lower <= 1 - p_lower).
   """
   n, k = _check_n_k(n, k)
+  num_models = _check_int("num_models", num_models, 1)
   p_lower = clopper_pearson_lower(np.arange(num_models + 1), num_models,
                                   alpha_per_input)
   solver = _LevelSolver(n, k)
@@ -467,8 +487,10 @@ def certify(predictions, *, num_classes: int, n: Optional[int] = None,
   Raises:
     ValueError: on a malformed tensor, an unknown mode, or bad n, k, alpha.
   """
-  if mode not in MODES:
+  if not isinstance(mode, str) or mode not in MODES:
     raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+  if seed is not None:
+    seed = _check_int("seed", seed, 0)
   preds, num_classes = _check_predictions(predictions, num_classes)
   num_models = preds.shape[0]
   if mode == "exact":
@@ -524,6 +546,10 @@ def certified_accuracy(certificate: Certificate, y_true,
   Returns:
     float64 [M]. CA@0 is the plain accuracy with abstentions counted wrong.
   """
+  if not isinstance(certificate, Certificate):
+    raise TypeError(
+        f"certificate must be a Certificate from certify(), got "
+        f"{type(certificate).__name__}")
   y = np.asarray(y_true)
   d = certificate.num_inputs
   if y.ndim != 1 or y.shape[0] != d:
@@ -541,6 +567,8 @@ def certified_accuracy(certificate: Certificate, y_true,
       raise ValueError(f"m_values must be integers, got {m_values!r}")
   if m.size and m.min() < 0:
     raise ValueError(f"m_values must be >= 0, got {m_values!r}")
+  # Levels are <= n - k, far below 2**62: larger m (even beyond int64) get 0.
+  m = np.minimum(m, 2**62) if m.size else m
   correct = (certificate.labels == y) & (certificate.labels >= 0)
   # CA@m is a step function of m: count correct inputs with level >= m by
   # sorting the levels once instead of an [M, d] comparison.
