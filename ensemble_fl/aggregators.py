@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 
@@ -36,10 +37,43 @@ def _num_slots(updates: PyTree) -> int:
   leaves = jax.tree_util.tree_leaves(updates)
   if not leaves:
     raise ValueError("updates is an empty pytree")
+  for leaf in leaves:
+    if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+      raise TypeError(f"updates leaves must be float arrays, got {type(leaf).__name__}")
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+      raise TypeError(f"updates leaves must be float arrays, got dtype {leaf.dtype}")
+    if leaf.ndim < 1:
+      raise ValueError("updates leaves need a leading client axis, got a scalar leaf")
   s = leaves[0].shape[0]
   if any(leaf.shape[:1] != (s,) for leaf in leaves):
     raise ValueError("every leaf of updates needs the same leading client axis")
+  if s < 1:
+    raise ValueError("updates has an empty client axis (s = 0)")
   return s
+
+
+def _concrete(a: Any):
+  """``a`` as a numpy array, or None while it is traced (values unknown)."""
+  if isinstance(a, jax.core.Tracer):
+    return None
+  return np.asarray(a)
+
+
+def _get_mask(updates: PyTree, mask: Any, s: int) -> jax.Array:
+  """The validated bool ``[s]`` mask (all True when None)."""
+  if mask is None:
+    return _full_mask(updates)
+  dtype = getattr(mask, "dtype", None)
+  if dtype is None:
+    dtype = np.asarray(mask).dtype
+  if not (jnp.issubdtype(dtype, jnp.bool_) or jnp.issubdtype(dtype, jnp.integer)):
+    raise TypeError(f"mask must be bool [s], got dtype {dtype}")
+  if np.shape(mask) != (s,):
+    raise ValueError(f"mask must have shape ({s},) (one per client slot), got {np.shape(mask)}")
+  m = _concrete(mask)
+  if m is not None and not np.any(m):
+    raise ValueError("mask has no True entry: at least one real client is needed")
+  return jnp.asarray(mask, bool)
 
 
 def _expand(v: jax.Array, leaf: jax.Array) -> jax.Array:
@@ -59,8 +93,20 @@ def weighted_mean(updates: PyTree, weights: jax.Array,
   Returns:
     pytree, leaves ``[...]``: ``sum_i w_i u_i / sum_i w_i`` over real slots.
   """
-  _num_slots(updates)
-  mask = _full_mask(updates) if mask is None else jnp.asarray(mask, bool)
+  s = _num_slots(updates)
+  mask = _get_mask(updates, mask, s)
+  w_dtype = getattr(weights, "dtype", None)
+  if w_dtype is None:
+    w_dtype = np.asarray(weights).dtype
+  if not (jnp.issubdtype(w_dtype, jnp.integer) or jnp.issubdtype(w_dtype, jnp.floating)):
+    raise TypeError(f"weights must be a real array [s], got dtype {w_dtype}")
+  if np.shape(weights) != (s,):
+    raise ValueError(f"weights must have shape ({s},), got {np.shape(weights)}")
+  w = _concrete(weights)
+  if w is not None:
+    m = np.asarray(mask)
+    if not np.all(np.isfinite(w) & (w >= 0)) or not np.sum(np.where(m, w, 0)) > 0:
+      raise ValueError("weights must be finite, >= 0 and positive on some real slot")
   weights = jnp.where(mask, jnp.asarray(weights, jnp.float32), 0.0)
   total = jnp.sum(weights)
 
@@ -121,8 +167,8 @@ def coordinate_median(updates: PyTree, mask: jax.Array | None = None) -> PyTree:
   Returns:
     pytree, leaves ``[...]``.
   """
-  _num_slots(updates)
-  mask = _full_mask(updates) if mask is None else jnp.asarray(mask, bool)
+  s = _num_slots(updates)
+  mask = _get_mask(updates, mask, s)
   c = jnp.sum(mask.astype(jnp.int32))
   lo, hi = (c - 1) // 2, c // 2
 
@@ -154,11 +200,13 @@ def trimmed_mean(updates: PyTree, beta: float,
   Raises:
     ValueError: ``beta`` outside ``[0, 0.5)`` (it would trim everything).
   """
+  if isinstance(beta, (bool, np.bool_)) or not isinstance(beta, (int, float, np.number)):
+    raise TypeError(f"trim_beta must be a number in [0, 0.5), got {beta!r}")
   beta = float(beta)
   if not 0.0 <= beta < 0.5:
     raise ValueError(f"trim_beta must be in [0, 0.5), got {beta}: it would trim every update")
   s = _num_slots(updates)
-  mask = _full_mask(updates) if mask is None else jnp.asarray(mask, bool)
+  mask = _get_mask(updates, mask, s)
   c = jnp.sum(mask.astype(jnp.int32))
   # t depends on the dynamic count c <= s; a static table keeps the float64
   # floor exact (float32 under jit could round beta * c across an integer).
@@ -178,6 +226,13 @@ def trimmed_mean(updates: PyTree, beta: float,
   return jax.tree_util.tree_map(leaf_trim, updates)
 
 
+def _check_krum_f(f: Any) -> int:
+  if (isinstance(f, (bool, np.bool_)) or not isinstance(f, (int, float, np.number))
+      or not np.isfinite(f) or int(f) != f or f < 0):
+    raise ValueError(f"krum_f must be a non-negative integer, got {f!r}")
+  return int(f)
+
+
 def krum_scores(updates: PyTree, f: int, mask: jax.Array | None = None) -> jax.Array:
   """Krum scores (Blanchard et al., 2017); padded slots score +inf.
 
@@ -188,8 +243,9 @@ def krum_scores(updates: PyTree, f: int, mask: jax.Array | None = None) -> jax.A
   Returns:
     float32 ``[s]``.
   """
+  f = _check_krum_f(f)
   s = _num_slots(updates)
-  mask = _full_mask(updates) if mask is None else jnp.asarray(mask, bool)
+  mask = _get_mask(updates, mask, s)
   c = jnp.sum(mask.astype(jnp.int32))
   # Gram form instead of pairwise differences: memory O(s^2), not O(s^2 * P).
   gram = jnp.zeros((s, s), jnp.float32)
@@ -224,9 +280,7 @@ def krum(updates: PyTree, f: int, mask: jax.Array | None = None) -> PyTree:
   Raises:
     ValueError: ``f < 0`` or ``s <= 2f + 2``.
   """
-  if int(f) != f or f < 0:
-    raise ValueError(f"krum_f must be a non-negative integer, got {f}")
-  f = int(f)
+  f = _check_krum_f(f)
   s = _num_slots(updates)
   if s <= 2 * f + 2:
     raise ValueError(
