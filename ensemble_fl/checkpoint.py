@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -43,7 +45,9 @@ def _canonical(obj: Any) -> Any:
   if isinstance(obj, (list, tuple)):
     return [_canonical(v) for v in obj]
   if isinstance(obj, np.generic):
-    return obj.item()
+    obj = obj.item()
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return repr(obj)  # JSON has no NaN/inf, and NaN != NaN would refuse every resume
   if obj is None or isinstance(obj, (bool, int, float, str)):
     return obj
   return repr(obj)
@@ -97,6 +101,12 @@ class ChunkStore:
   """
 
   def __init__(self, run_dir: str | os.PathLike, fingerprint: Mapping[str, Any]):
+    if not isinstance(run_dir, (str, os.PathLike)) or str(run_dir) == "":
+      raise TypeError(f"run_dir must be a non-empty path, got {run_dir!r}")
+    if not isinstance(fingerprint, Mapping):
+      raise TypeError(f"fingerprint must be a mapping, got {type(fingerprint).__name__}")
+    if Path(run_dir).exists() and not Path(run_dir).is_dir():
+      raise ValueError(f"run_dir {run_dir} exists and is not a directory")
     self.run_dir = Path(run_dir)
     self.chunk_dir = self.run_dir / "chunks"
     self.fingerprint = _canonical(dict(fingerprint))
@@ -117,6 +127,9 @@ class ChunkStore:
       _atomic_write(manifest, lambda f: f.write(text))
 
   def _path(self, index: int) -> Path:
+    if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)) \
+        or not 0 <= index < 10**6:
+      raise ValueError(f"chunk index must be an integer in [0, 10**6), got {index!r}")
     return self.chunk_dir / f"chunk_{index:06d}.npz"
 
   def completed(self) -> list[int]:
@@ -129,9 +142,13 @@ class ChunkStore:
 
   def save(self, index: int, tree: Any) -> None:
     """Atomically writes one chunk: a pytree of arrays (params or predictions)."""
+    path = self._path(index)
     leaves = jax.tree_util.tree_leaves(tree)
     arrays = {f"leaf_{i:05d}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
-    _atomic_write(self._path(index), lambda f: np.savez(f, **arrays))
+    for name, a in arrays.items():
+      if a.dtype.kind not in "biufc":  # object arrays would need pickle to load
+        raise TypeError(f"tree leaf {name} has dtype {a.dtype}; only numeric arrays are stored")
+    _atomic_write(path, lambda f: np.savez(f, **arrays))
 
   def load(self, index: int, like: Any) -> Any:
     """Reads chunk ``index`` into the structure of the pytree ``like``.
@@ -145,11 +162,21 @@ class ChunkStore:
     """
     treedef = jax.tree_util.tree_structure(like)
     like_leaves = jax.tree_util.tree_leaves(like)
-    with np.load(self._path(index)) as data:
-      names = sorted(data.files)
-      if len(names) != len(like_leaves):
-        raise ValueError(f"chunk {index} in {self.chunk_dir} has {len(names)} arrays, expected {len(like_leaves)}")
-      leaves = [data[name] for name in names]
+    path = self._path(index)
+    try:
+      with np.load(path, allow_pickle=False) as data:
+        names = sorted(data.files)
+        if len(names) != len(like_leaves):
+          raise ValueError(f"chunk {index} in {self.chunk_dir} has {len(names)} arrays, expected {len(like_leaves)}")
+        leaves = [data[name] for name in names]
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+      if isinstance(e, FileNotFoundError):
+        raise
+      raise ValueError(f"chunk {index}: {path} is corrupt ({e}); delete it to retrain it") from e
+    except ValueError as e:
+      if str(e).startswith(f"chunk {index}"):
+        raise
+      raise ValueError(f"chunk {index}: {path} is corrupt ({e}); delete it to retrain it") from e
     for name, got, want in zip(names, leaves, like_leaves):
       want_shape = tuple(want.shape) if hasattr(want, "shape") else np.shape(want)
       if got.shape != want_shape:
