@@ -47,6 +47,15 @@ def initialize(
       ``num_processes``/``process_id`` are out of range.
   """
   global _initialized
+  for name, value in (("num_processes", num_processes), ("process_id", process_id),
+                      ("local_device_count", local_device_count)):
+    if value is not None and (isinstance(value, (bool, np.bool_))
+                              or not isinstance(value, (int, np.integer))):
+      raise TypeError(f"{name} must be an integer, got {value!r}")
+  if coordinator_address is not None and (
+      not isinstance(coordinator_address, str) or not coordinator_address.strip()):
+    raise TypeError(
+        f"coordinator_address must be a non-empty 'host:port' string, got {coordinator_address!r}")
   explicit = (coordinator_address, num_processes, process_id)
   if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
     raise ValueError(
