@@ -56,6 +56,11 @@ def pack_clients(
     ValueError: no clients, a client without examples, mismatched lengths or
       feature shapes, non-finite features, non-integer or out-of-range labels.
   """
+  for name, seq in (("xs", xs), ("ys", ys)):
+    if isinstance(seq, (str, bytes, dict)) or not hasattr(seq, "__len__"):
+      raise TypeError(
+          f"{name} must be a sequence of per-client arrays, got {type(seq).__name__}")
+  num_classes = _check_num_classes(num_classes)
   if len(xs) != len(ys):
     raise ValueError(f"xs has {len(xs)} clients but ys has {len(ys)}")
   if len(xs) == 0:
@@ -65,20 +70,26 @@ def pack_clients(
   feature_shape = xs[0].shape[1:]
   for i, (x, y) in enumerate(zip(xs, ys)):
     if x.ndim < 1 or x.shape[0] == 0:
-      raise ValueError(f"client {i} has no examples")
+      raise ValueError(f"xs[{i}]: client {i} has no examples")
     if x.shape[1:] != feature_shape:
       raise ValueError(
-          f"client {i} has feature shape {x.shape[1:]}, client 0 has {feature_shape}")
+          f"xs[{i}]: client {i} has feature shape {x.shape[1:]}, client 0 has {feature_shape}")
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
       raise ValueError(
-          f"client {i}: labels have shape {y.shape}, expected ({x.shape[0]},)")
+          f"ys[{i}]: client {i}'s labels have shape {y.shape}, expected ({x.shape[0]},)")
     if not np.issubdtype(y.dtype, np.integer):
-      raise ValueError(f"client {i}: labels must be integers, got {y.dtype}")
-    if not np.issubdtype(x.dtype, np.number) or not np.all(np.isfinite(x)):
-      raise ValueError(f"client {i}: features must be finite numbers (found NaN/inf or non-numeric)")
-    if np.any(y < 0) or (num_classes is not None and np.any(y >= num_classes)):
+      raise ValueError(f"ys[{i}]: client {i}'s labels must be integers, got {y.dtype}")
+    if not _is_real(x.dtype) or not np.all(np.isfinite(x)):
       raise ValueError(
-          f"client {i}: labels outside [0, {num_classes if num_classes is not None else 'inf'})")
+          f"xs[{i}]: client {i}'s features must be finite real numbers "
+          f"(found NaN/inf or dtype {x.dtype})")
+    if np.any(np.abs(x) > _F32_MAX):
+      raise ValueError(f"xs[{i}]: client {i}'s features overflow float32")
+    if np.any(y < 0) or np.any(y > _I32_MAX) or (
+        num_classes is not None and np.any(y >= num_classes)):
+      raise ValueError(
+          f"ys[{i}]: client {i}'s labels outside "
+          f"[0, {num_classes if num_classes is not None else 2**31 - 1})")
   sizes = np.array([x.shape[0] for x in xs], dtype=np.int32)
   m_max = int(sizes.max())
   n = len(xs)
@@ -92,7 +103,13 @@ def pack_clients(
 
 def validate_clients(clients: ClientData, *, num_classes: int | None = None) -> None:
   """Checks a :class:`ClientData` built by hand; raises ValueError on any defect."""
+  if not isinstance(clients, tuple) or len(clients) != 3:
+    raise TypeError(
+        f"clients must be a ClientData(x, y, sizes), got {type(clients).__name__}")
+  num_classes = _check_num_classes(num_classes)
   x, y, sizes = (np.asarray(a) for a in clients)
+  if not _is_real(x.dtype):
+    raise ValueError(f"clients.x must hold real numbers, got dtype {x.dtype}")
   if x.ndim < 2:
     raise ValueError(f"clients.x must be [n, m_max, ...], got shape {x.shape}")
   if y.shape != x.shape[:2]:
@@ -100,13 +117,32 @@ def validate_clients(clients: ClientData, *, num_classes: int | None = None) -> 
   if sizes.shape != (x.shape[0],):
     raise ValueError(f"clients.sizes has shape {sizes.shape}, expected ({x.shape[0]},)")
   if x.shape[0] == 0:
-    raise ValueError("no clients")
+    raise ValueError("clients has no clients (clients.x has n = 0)")
   if not np.issubdtype(sizes.dtype, np.integer) or not np.issubdtype(y.dtype, np.integer):
     raise ValueError("clients.sizes and clients.y must be integer arrays")
   if np.any(sizes < 1) or np.any(sizes > x.shape[1]):
     bad = int(np.flatnonzero((sizes < 1) | (sizes > x.shape[1]))[0])
-    raise ValueError(f"client {bad} has size {int(sizes[bad])}, must be in [1, {x.shape[1]}]")
+    raise ValueError(
+        f"clients.sizes: client {bad} has size {int(sizes[bad])}, must be in [1, {x.shape[1]}]")
   if not np.all(np.isfinite(x)):
     raise ValueError("clients.x contains NaN or inf")
   if np.any(y < 0) or (num_classes is not None and np.any(y >= num_classes)):
     raise ValueError(f"clients.y has labels outside [0, {num_classes})")
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+_I32_MAX = int(np.iinfo(np.int32).max)
+
+
+def _is_real(dtype) -> bool:
+  """Integer or floating dtype (not bool, complex, object or strings)."""
+  return (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating))
+
+
+def _check_num_classes(num_classes):
+  if num_classes is None:
+    return None
+  if isinstance(num_classes, (bool, np.bool_)) or not isinstance(
+      num_classes, (int, np.integer)) or num_classes < 1:
+    raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+  return int(num_classes)
