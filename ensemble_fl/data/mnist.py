@@ -12,6 +12,8 @@ import gzip
 import hashlib
 import importlib
 import importlib.util
+import math
+import numbers
 import os
 import zlib
 from pathlib import Path
@@ -60,6 +62,11 @@ def parse_idx(raw: bytes, *, expected_magic: int, name: str = "IDX data") -> np.
     ValueError: short header, wrong magic number, or a payload whose length
       differs from the product of the header's dimensions.
   """
+  if not isinstance(raw, (bytes, bytearray, memoryview)):
+    raise TypeError(f"raw must be bytes, got {type(raw).__name__}")
+  if isinstance(expected_magic, bool) or not isinstance(expected_magic, (int, np.integer)):
+    raise TypeError(f"expected_magic must be an integer, got {expected_magic!r}")
+  raw = bytes(raw)
   if len(raw) < 4:
     raise ValueError(f"{name}: {len(raw)} bytes is too short for an IDX header")
   magic = int.from_bytes(raw[:4], "big")
@@ -71,7 +78,7 @@ def parse_idx(raw: bytes, *, expected_magic: int, name: str = "IDX data") -> np.
     raise ValueError(f"{name}: {len(raw)} bytes is too short for a {ndim}-d IDX header")
   dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
   payload = len(raw) - header_len
-  expected = int(np.prod(dims, dtype=np.int64))
+  expected = math.prod(dims)  # Python ints: 3 dims of up to 2**32 overflow int64
   if payload != expected:
     raise ValueError(
         f"{name}: header says dims {dims} ({expected} bytes of data), "
@@ -145,6 +152,8 @@ def load_mnist(data_dir: str | os.PathLike | None = None, *, verify: bool = True
       where it looked and how to fix it).
     ValueError: a checksum mismatch (naming the file) or a malformed file.
   """
+  if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
+    raise TypeError(f"data_dir must be a path or None, got {type(data_dir).__name__}")
   try:
     folder = resolve_dir(data_dir, "mnist", required=FILES, hint=_HINT)
   except FileNotFoundError:
@@ -196,14 +205,16 @@ def assign_mnist_clients(
   if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
     raise ValueError(f"y must be a 1-d integer array, got {y.dtype} {y.shape}")
   if y.size and y.min() < 0:
-    raise ValueError("labels must be non-negative")
-  if not (isinstance(q, (int, float, np.floating, np.integer)) and 0.0 <= q <= 1.0):
+    raise ValueError("y: labels must be non-negative")
+  if y.size and y.max() > np.iinfo(np.int32).max:
+    raise ValueError("y: labels must fit in int32")
+  if isinstance(q, (bool, np.bool_)) or not (
+      isinstance(q, (int, float, np.floating, np.integer)) and 0.0 <= q <= 1.0):
     raise ValueError(f"q must be a number in [0, 1], got {q!r}")
-  if int(num_groups) != num_groups or num_groups < 1:
-    raise ValueError(f"num_groups must be a positive integer, got {num_groups!r}")
-  if int(n_clients) != n_clients or n_clients < 1:
-    raise ValueError(f"n_clients must be a positive integer, got {n_clients!r}")
-  n_clients, num_groups = int(n_clients), int(num_groups)
+  num_groups = _positive_int("num_groups", num_groups)
+  n_clients = _positive_int("n_clients", n_clients)
+  if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
   if n_clients % num_groups:
     raise ValueError(
         f"n_clients={n_clients} must be a multiple of num_groups={num_groups} "
@@ -228,6 +239,14 @@ def assign_mnist_clients(
   if np.any(counts == 0):
     client = _fill_empty_clients(client, group, counts, per_group, num_groups, rng)
   return client.astype(np.int32)
+
+
+def _positive_int(name: str, value) -> int:
+  """``value`` as an int >= 1 (integral floats such as 10.0 allowed)."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or \
+      not math.isfinite(value) or int(value) != value or value < 1:
+    raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  return int(value)
 
 
 def _rank_within_client(client: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -283,10 +302,13 @@ def split_mnist_clients(
   """
   x = np.asarray(x)
   y = np.asarray(y)
-  if x.ndim < 1 or x.shape[0] != y.shape[0]:
+  if x.ndim < 1 or y.ndim != 1 or x.shape[0] != y.shape[0]:
     raise ValueError(f"x has shape {x.shape} but y has shape {y.shape}")
-  if not np.issubdtype(x.dtype, np.number) or not np.all(np.isfinite(x)):
-    raise ValueError("x must be finite numbers (found NaN/inf or non-numeric)")
+  if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)) \
+      or not np.all(np.isfinite(x)):
+    raise ValueError(f"x must be finite real numbers (found NaN/inf or dtype {x.dtype})")
+  if np.any(np.abs(x) > np.finfo(np.float32).max):
+    raise ValueError("x overflows float32")
   client = assign_mnist_clients(y, n_clients=n_clients, q=q, num_groups=num_groups, seed=seed)
   counts = np.bincount(client, minlength=n_clients)
   rank = _rank_within_client(client, counts)
