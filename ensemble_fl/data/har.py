@@ -86,6 +86,8 @@ def load_uci_har(folder: str | os.PathLike):
     ValueError: wrong column count, mismatched row counts, labels outside
       1..6 or subjects outside 1..30.
   """
+  if not isinstance(folder, (str, os.PathLike)):
+    raise TypeError(f"folder must be a path, got {type(folder).__name__}")
   folder = Path(folder).expanduser()
   if not (folder / "train").is_dir() and (folder / UCI_FOLDER / "train").is_dir():
     folder = folder / UCI_FOLDER
@@ -157,10 +159,16 @@ def window_signals(
       raise ValueError(f"{name} has shape {a.shape}, expected ({t},)")
     if not np.issubdtype(a.dtype, np.integer):
       raise ValueError(f"{name} must be integers, got {a.dtype}")
-  if int(window) != window or int(stride) != stride or window < 1 or stride < 1:
-    raise ValueError(f"window and stride must be positive integers, got {window}, {stride}")
+  for name, v in (("window", window), ("stride", stride)):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 1:
+      raise ValueError(f"window and stride must be positive integers, got {name}={v!r}")
+  window, stride = int(window), int(stride)
+  if not (np.issubdtype(signals.dtype, np.integer) or np.issubdtype(signals.dtype, np.floating)):
+    raise ValueError(f"signals must be real numbers, got dtype {signals.dtype}")
   if not np.all(np.isfinite(signals)):
     raise ValueError("signals contain NaN or inf")
+  if np.any(np.abs(signals) > np.finfo(np.float32).max):
+    raise ValueError("signals overflow float32")
 
   # Runs of constant experiment id; a repeated id means shuffled rows.
   run_start = np.flatnonzero(np.r_[True, experiment[1:] != experiment[:-1]]) if t else \
@@ -218,6 +226,8 @@ def load_hapt(path: str | os.PathLike | None = None):
     FileNotFoundError: the file is not found (message lists where it looked).
     ValueError: missing keys or malformed arrays.
   """
+  if path is not None and not isinstance(path, (str, os.PathLike)):
+    raise TypeError(f"path must be a path or None, got {type(path).__name__}")
   file = _hapt_file(path)
   with np.load(file, allow_pickle=False) as data:
     missing = [k for k in HAPT_KEYS if k not in data.files]
@@ -268,6 +278,17 @@ def window_features(windows: np.ndarray, mean: np.ndarray, std: np.ndarray) -> n
 # -------------------------------------------------------------- federated
 
 
+def _check_train_fraction(train_fraction) -> None:
+  if isinstance(train_fraction, (bool, np.bool_)) or not isinstance(
+      train_fraction, (int, float, np.integer, np.floating)) or not 0.0 < train_fraction <= 1.0:
+    raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction!r}")
+
+
+def _check_seed(seed) -> None:
+  if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+
+
 def split_per_user(user: np.ndarray, *, train_fraction: float = 0.75, seed: int = 0):
   """Splits each user's examples at random into train and test.
 
@@ -285,8 +306,10 @@ def split_per_user(user: np.ndarray, *, train_fraction: float = 0.75, seed: int 
     bool ``[M]``: True for training examples.
   """
   user = np.asarray(user)
-  if not 0.0 < train_fraction <= 1.0:
-    raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction!r}")
+  if user.ndim != 1 or not np.issubdtype(user.dtype, np.integer):
+    raise ValueError(f"user must be a 1-d integer array, got {user.dtype} {user.shape}")
+  _check_train_fraction(train_fraction)
+  _check_seed(seed)
   is_train = np.zeros(user.shape[0], dtype=bool)
   for u in np.unique(user):  # a loop over users (30), not examples
     idx = np.flatnonzero(user == u)
@@ -322,6 +345,12 @@ def har_federated(
   Returns:
     :class:`HarData`.
   """
+  if not isinstance(source, (str, os.PathLike)):
+    raise TypeError(f"source must be 'hapt' or a UCI HAR folder path, got {source!r}")
+  if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
+    raise TypeError(f"data_dir must be a path or None, got {type(data_dir).__name__}")
+  _check_train_fraction(train_fraction)
+  _check_seed(seed)
   if isinstance(source, str) and source == "hapt":
     x, y, user = load_hapt(data_dir)
     is_train = split_per_user(user, train_fraction=train_fraction, seed=seed)
