@@ -30,7 +30,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -277,17 +277,28 @@ def _har_source(data_dir: str | None) -> str:
   return "hapt"
 
 
-def make_model(dataset: str, num_classes: int, feature_shape: Sequence[int]):
-  """``(init_fn, apply_fn)`` of the paper's model for ``dataset``.
+class Model(NamedTuple):
+  """A network as the trainer sees it.
 
-  ``init_fn(key) -> params``; ``apply_fn(params, x [B, *feature_shape]) -> logits``.
+  Attributes:
+    init_fn: ``init_fn(key) -> params``.
+    apply_fn: ``apply_fn(params, x [B, *feature_shape]) -> logits [B, C]``.
+    description: the module with its settings (goes into checkpoint fingerprints).
   """
+
+  init_fn: Callable[[Any], Any]
+  apply_fn: Callable[[Any, Any], Any]
+  description: str
+
+
+def make_model(dataset: str, num_classes: int, feature_shape: Sequence[int]) -> Model:
+  """The paper's network for ``dataset`` (MNIST: CNN; HAR: MLP)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from ensemble_fl import models  # pylint: disable=g-import-not-at-top
   module = models.MnistCNN(num_classes=num_classes) if dataset == "mnist" else \
       models.HarMLP(num_classes=num_classes)
   dummy = jnp.zeros((1, *feature_shape), jnp.float32)
-  return (lambda key: module.init(key, dummy)), module.apply
+  return Model(lambda key: module.init(key, dummy), module.apply, repr(module))
 
 
 # ---------------------------------------------------------------------------
@@ -302,21 +313,37 @@ def make_plan(cfg: ExperimentConfig, mode: str, n: int, num_models: int):
                             num_models=num_models, seed=cfg.seed)
 
 
-def train_models(cfg: ExperimentConfig, model, clients, plan, progress=None):
+def train_models(cfg: ExperimentConfig, model: Model, clients, plan, progress=None,
+                 checkpoint_dir: str | os.PathLike | None = None):
   """Trains one model per row of ``plan``; returns host params stacked on axis 0.
 
-  ``model`` is ``(init_fn, apply_fn)`` from :func:`make_model`.
+  With ``checkpoint_dir``, finished chunks are stored there and chunks already
+  there are loaded instead of trained (a rerun resumes).
+
+  Raises:
+    ResumeError: ``checkpoint_dir`` holds chunks of a different configuration.
   """
   from ensemble_fl import ensemble  # pylint: disable=g-import-not-at-top
-  init_fn, apply_fn = model
-  return ensemble.train_ensemble(init_fn, apply_fn, clients, plan, fedavg_config(cfg),
-                                 chunk_size=cfg.chunk_size, progress=progress)
+  try:
+    return ensemble.train_ensemble(
+        model.init_fn, model.apply_fn, clients, plan, fedavg_config(cfg),
+        chunk_size=cfg.chunk_size, progress=progress, checkpoint_dir=checkpoint_dir,
+        fingerprint_extra=None if checkpoint_dir is None else {"model": model.description})
+  except ValueError as e:
+    # ChunkStore's refusal to mix two configurations is a user error, not a bug.
+    if checkpoint_dir is not None and str(e).startswith("cannot resume"):
+      raise ResumeError(str(e)) from e
+    raise
 
 
-def predict_labels(cfg: ExperimentConfig, model, stacked_params, x_test) -> np.ndarray:
+class ResumeError(ValueError):
+  """A checkpoint folder was written by a run with a different configuration."""
+
+
+def predict_labels(cfg: ExperimentConfig, model: Model, stacked_params, x_test) -> np.ndarray:
   """Every model's label for every test input: int32 ``[N, d]``."""
   from ensemble_fl import ensemble  # pylint: disable=g-import-not-at-top
-  return np.asarray(ensemble.predict(model[1], stacked_params, x_test,
+  return np.asarray(ensemble.predict(model.apply_fn, stacked_params, x_test,
                                      chunk_size=cfg.chunk_size), dtype=np.int32)
 
 
@@ -409,6 +436,10 @@ def _timed(timings: dict[str, float], phase: str, log: Callable[[str], None]):
   log(f"{phase}: {timings[phase]:.1f} s")
 
 
+def _subdir(folder: str | os.PathLike | None, name: str) -> str | None:
+  return None if folder is None else os.path.join(folder, name)
+
+
 def _stderr_log(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
@@ -418,6 +449,7 @@ def run(
     *,
     data: Data | None = None,
     timings: dict[str, float] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
     progress_factory: Callable[[str], Callable[[int, int], None]] | None = None,
     log: Callable[[str], None] = _stderr_log,
 ) -> ExperimentResult:
@@ -428,12 +460,15 @@ def run(
     data: the data of ``cfg`` when already loaded (:func:`load_data`).
     timings: seconds of phases already done (e.g. ``{"load_data": ...}``);
       the result's timings extend a copy of it.
+    checkpoint_dir: store finished chunks of models under it (``ensemble/``,
+      ``baseline/``) and resume from those already there.
     progress_factory: ``factory(description) -> progress(done, total)``, one
       callback per training loop (ensemble, baseline); None: no progress.
     log: receives one line per phase.
 
   Raises:
     ValueError / FileNotFoundError: bad config or missing data, before any training.
+    ResumeError: ``checkpoint_dir`` belongs to a different configuration.
   """
   start = time.perf_counter()
   timings = dict(timings or {})
@@ -455,7 +490,8 @@ def run(
   plan = make_plan(cfg, mode, n, num_models)
   with _timed(timings, "train", log):
     params = train_models(cfg, model, data.clients, plan,
-                          progress(f"ensemble ({num_models} models)"))
+                          progress(f"ensemble ({num_models} models)"),
+                          checkpoint_dir=_subdir(checkpoint_dir, "ensemble"))
   with _timed(timings, "predict", log):
     predictions = predict_labels(cfg, model, params, data.x_test)
   del params
@@ -469,7 +505,8 @@ def run(
     with _timed(timings, "baseline_train", log):
       # One "partition" group holding all n clients: single-model FedAvg.
       plan = make_plan(cfg, "partition", n, 1)
-      params = train_models(cfg, model, data.clients, plan, progress("single FedAvg"))
+      params = train_models(cfg, model, data.clients, plan, progress("single FedAvg"),
+                            checkpoint_dir=_subdir(checkpoint_dir, "baseline"))
     with _timed(timings, "baseline_predict", log):
       baseline_labels = predict_labels(cfg, model, params, data.x_test)[0]
     baseline_ca = baseline_curve(baseline_labels, data.y_test, m_values)
@@ -545,6 +582,7 @@ def run_sweep(
     *,
     data: Data | None = None,
     timings: dict[str, float] | None = None,
+    checkpoint_root: str | os.PathLike | None = None,
     progress_factory: Callable[[str], Callable[[int, int], None]] | None = None,
     log: Callable[[str], None] = _stderr_log,
 ):
@@ -561,11 +599,16 @@ def run_sweep(
   Args:
     data: the data of the *first* value's config, when already loaded.
     timings: phases already done for the first run (e.g. its ``load_data``).
+    checkpoint_root: checkpoints of the run trained for value v go to
+      ``checkpoint_root/<param>=<v>/`` (see :func:`run`).
   """
+  def checkpoint(value):
+    return _subdir(checkpoint_root, f"{param}={value}")
+
   configs = sweep_configs(cfg, param, values)
   if param == "alpha":
-    first = run(configs[0], data=data, timings=timings, progress_factory=progress_factory,
-                log=log)
+    first = run(configs[0], data=data, timings=timings, checkpoint_dir=checkpoint(values[0]),
+                progress_factory=progress_factory, log=log)
     for value in values:
       yield value, recertify(first, alpha=value)
     return
@@ -575,7 +618,7 @@ def run_sweep(
     largest = max(values)
     log(f"N sweep: training N = {largest} models once; each smaller N uses its first N models")
     full = run(dataclasses.replace(cfg, num_models=largest), data=data, timings=timings,
-               progress_factory=progress_factory, log=log)
+               checkpoint_dir=checkpoint(largest), progress_factory=progress_factory, log=log)
     for value in values:
       yield value, recertify(full, num_models=value)
     return
@@ -586,7 +629,8 @@ def run_sweep(
       start = time.perf_counter()
       data = load_data(c)
       done["load_data"] = time.perf_counter() - start
-    yield value, run(c, data=data, timings=done, progress_factory=progress_factory, log=log)
+    yield value, run(c, data=data, timings=done, checkpoint_dir=checkpoint(value),
+                     progress_factory=progress_factory, log=log)
 
 
 # ---------------------------------------------------------------------------
@@ -674,6 +718,9 @@ def make_parser(dataset: str) -> ArgumentParser:
                   "certified-accuracy figure.")
   add_experiment_flags(parser, dataset)
   parser.add_argument("--out", help=f"output folder (default: results/{dataset}-<timestamp>)")
+  parser.add_argument("--checkpoint", action="store_true",
+                      help="store finished chunks of models in OUT/checkpoint/; rerunning the "
+                           "same command with the same --out resumes from them")
   return parser
 
 
@@ -709,14 +756,19 @@ def cli_main(dataset: str, argv: Sequence[str] | None = None) -> int:
   with user_errors(parser):
     cfg = config_from_args(args, dataset)
     validate_config(cfg)
+    _require(not args.checkpoint or args.out, "--checkpoint needs --out (the folder to resume in)")
     start = time.perf_counter()
     data = load_data(cfg)
   out_dir = args.out or default_out_dir(dataset)
   try:
     result = run(cfg, data=data, timings={"load_data": time.perf_counter() - start},
+                 checkpoint_dir=os.path.join(out_dir, "checkpoint") if args.checkpoint else None,
                  progress_factory=progress_lib.ProgressBar)
+  except ResumeError as e:
+    parser.error(" ".join(str(e).split()))
   except KeyboardInterrupt:
-    print("\ninterrupted: nothing written", file=sys.stderr)
+    print("\ninterrupted" + (f": finished chunks are in {out_dir}/checkpoint, rerun to resume"
+                             if args.checkpoint else ": nothing written"), file=sys.stderr)
     return 130
   paths = results.write_outputs(out_dir, result)
   print(results.summary_table(result))

@@ -11,7 +11,8 @@ experiments/mnist.py), and <out>/sweep.csv, <out>/sweep.png hold one CA@m curve
 per value. An α sweep trains once and certifies the same votes at each α; an N
 sweep in Monte Carlo mode trains the largest ensemble once and certifies its
 first N models for each N (exactly the ensemble a run with that N trains).
-HAR sweeps of N or α use k=4 unless --k is given (the paper's choice: k=2 is
+With --checkpoint, finished chunks of models go to <out>/checkpoint/ and a rerun
+of the same command resumes. HAR sweeps of N or α use k=4 unless --k is given (the paper's choice: k=2 is
 exact, where neither N nor α matters). The single-FedAvg baseline is off unless
 --baseline is given.
 """
@@ -63,6 +64,8 @@ def main(argv=None):
   args = parser.parse_args(argv)
   with experiment.user_errors(parser):
     values = parse_values(args.param, args.values)
+    if args.checkpoint and not args.out:
+      raise ValueError("--checkpoint needs --out (the folder to resume in)")
     cfg = experiment.config_from_args(args, dataset)
     if args.baseline is None:
       cfg = dataclasses.replace(cfg, baseline=False)
@@ -74,14 +77,19 @@ def main(argv=None):
   load_seconds = time.perf_counter() - start
   out = Path(args.out or experiment.default_out_dir(f"sweep-{dataset}-{args.param}"))
   runs = []
-  for value, result in experiment.run_sweep(cfg, args.param, values, data=data,
-                                            timings={"load_data": load_seconds},
-                                            progress_factory=progress_lib.ProgressBar):
-    if args.param == "alpha" and result.alpha is None and not runs:
-      print(f"warning: {result.mode} mode does not depend on α: all curves are the same",
-            file=sys.stderr)
-    results.write_outputs(out / f"{args.param}={value}", result)
-    runs.append((value, result))
+  sweep = experiment.run_sweep(cfg, args.param, values, data=data,
+                               timings={"load_data": load_seconds},
+                               checkpoint_root=out / "checkpoint" if args.checkpoint else None,
+                               progress_factory=progress_lib.ProgressBar)
+  try:
+    for value, result in sweep:
+      if args.param == "alpha" and result.alpha is None and not runs:
+        print(f"warning: {result.mode} mode does not depend on α: all curves are the same",
+              file=sys.stderr)
+      results.write_outputs(out / f"{args.param}={value}", result)
+      runs.append((value, result))
+  except experiment.ResumeError as e:
+    parser.error(" ".join(str(e).split()))
   paths = results.write_sweep(out, args.param, dataset, runs)
   print(results.sweep_summary(args.param, runs, time.perf_counter() - start))
   print(f"outputs: {out}/ ({', '.join(p.name for p in paths)}, "

@@ -58,7 +58,7 @@ def cli_runs(tmp_path_factory):
   if HAS_MNIST:
     jobs["mnist"] = ("mnist.py", *MNIST_TINY)
   if HAS_HAPT:
-    jobs["har"] = ("har.py", *HAR_TINY)
+    jobs["har"] = ("har.py", *HAR_TINY, "--checkpoint")
     jobs["alpha_sweep"] = ("sweep.py", "--dataset", "har", "--param", "alpha", "--values", "0.5",
                            "0.01", *TINY, "--k", "2", "--N", "16", "--test-size", "100")
     jobs["n_sweep"] = ("sweep.py", "--dataset", "har", "--param", "N", "--values", "8", "4",
@@ -170,6 +170,28 @@ def test_har_cli_exact_mode(cli_runs):
   certified = arrays["labels"] >= 0
   np.testing.assert_array_equal(arrays["levels"][certified], (gap[certified] + 1) // 2 - 1)
   assert "30/30" in proc.stderr and "single FedAvg" in proc.stdout
+
+
+def test_har_rerun_with_checkpoint_resumes_and_refuses_other_settings(cli_runs, tmp_path):
+  out, first = get_run(cli_runs, "har")
+  assert (out / "checkpoint" / "ensemble" / "manifest.json").is_file()
+  before = dict(np.load(out / "predictions.npz"))
+  trained = json.loads((out / "results.json").read_text())["timings_s"]["train"]
+  command = ("har.py", *HAR_TINY, "--checkpoint", "--data-dir", DATA, "--out", out)
+  rerun = subprocess.Popen(_command(*command), cwd=REPO, env=_ENV, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  other = run_cli(*command, "--lr", "0.5", check=False)
+  stdout, stderr = rerun.communicate(timeout=300)
+  assert rerun.returncode == 0, stderr[-3000:]
+  # Everything came from the checkpoint: same votes, same certificate, no training.
+  after = np.load(out / "predictions.npz")
+  for key, value in before.items():
+    np.testing.assert_array_equal(after[key], value)
+  assert json.loads((out / "results.json").read_text())["timings_s"]["train"] < 0.5 * trained
+  # A different setting is refused with a one-line error, not mixed in.
+  assert other.returncode == 2 and "Traceback" not in other.stderr
+  last = other.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: cannot resume") and "lr" in last
 
 
 # --------------------------------------------------------------- sweep
