@@ -163,8 +163,33 @@ def _real_ids(subset: jax.Array) -> tuple[jax.Array, jax.Array]:
   return ids, mask
 
 
+def _check_fedavg_args(apply_fn, clients, subset, config) -> None:
+  """Static checks of fedavg's arguments; subset values too when not traced."""
+  if not isinstance(config, FedAvgConfig):
+    raise TypeError(f"config must be a FedAvgConfig, got {type(config).__name__}")
+  if not callable(apply_fn):
+    raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
+  if not isinstance(clients, tuple) or len(clients) != 3:
+    raise TypeError(f"clients must be a ClientData(x, y, sizes), got {type(clients).__name__}")
+  if subset is None:
+    raise TypeError("subset must be int32 [s] client ids, got None")
+  dtype = getattr(subset, "dtype", None)
+  if dtype is None:
+    dtype = jnp.asarray(subset).dtype
+  if not jnp.issubdtype(dtype, jnp.integer):
+    raise TypeError(f"subset must hold integer client ids, got dtype {dtype}")
+  if not isinstance(subset, jax.core.Tracer):
+    ids = jax.device_get(jnp.asarray(subset))
+    n = clients.sizes.shape[0]
+    if ids.size == 0:
+      raise ValueError("subset is empty: it needs at least one real client id")
+    if (ids < -1).any() or (ids >= n).any() or not (ids >= 0).any():
+      raise ValueError(
+          f"subset ids must lie in [0, {n}) with -1 pads and at least one real id")
+
+
 def fedavg(apply_fn: ApplyFn, params: PyTree, clients: ClientData, subset: jax.Array,
-           key: jax.Array, config: FedAvgConfig) -> PyTree:
+           key: jax.Array, config: FedAvgConfig, attack: Any = None) -> PyTree:
   """Trains one global model with FedAvg on the clients in ``subset``.
 
   Pure and traceable: jit it (``config`` and ``apply_fn`` static) or vmap it
@@ -180,10 +205,17 @@ def fedavg(apply_fn: ApplyFn, params: PyTree, clients: ClientData, subset: jax.A
     key: PRNG key (legacy uint32 ``[2]`` or typed), used only for minibatch
       sampling, see :func:`round_batch_indices`.
     config: :class:`FedAvgConfig`.
+    attack: None, or an :class:`ensemble_fl.attacks.Attack` (a pytree of
+      arrays): malicious clients poison their minibatches
+      (``attack.poison_batch``, after each gather) and their updates
+      (``attack.poison_update``, before Agg) inside this program, selected
+      per client with ``jnp.where``, so clean clients' values pass through
+      unchanged. See :mod:`ensemble_fl.attacks`.
 
   Returns:
     The trained global parameters, same structure and dtypes as ``params``.
   """
+  _check_fedavg_args(apply_fn, clients, subset, config)
   subset = jnp.asarray(subset, jnp.int32)
   if subset.ndim != 1:
     raise ValueError(f"subset must be int32 [s], got shape {subset.shape}")
@@ -201,11 +233,17 @@ def fedavg(apply_fn: ApplyFn, params: PyTree, clients: ClientData, subset: jax.A
 
     def sgd_step(p, idx):
       # Gather from the shared array: [B, *feature_shape], never a per-model copy.
-      g = grad_fn(p, x_all[cid, idx], y_all[cid, idx])
+      xb, yb = x_all[cid, idx], y_all[cid, idx]
+      if attack is not None:
+        xb, yb = attack.poison_batch(xb, yb, cid, idx)
+      g = grad_fn(p, xb, yb)
       return jax.tree_util.tree_map(lambda w, gw: w - jnp.asarray(lr, w.dtype) * gw, p, g), None
 
     local, _ = jax.lax.scan(sgd_step, global_params, batch_idx)
-    return jax.tree_util.tree_map(jnp.subtract, local, global_params)
+    delta = jax.tree_util.tree_map(jnp.subtract, local, global_params)
+    if attack is not None:
+      delta = attack.poison_update(delta, global_params, cid)
+    return delta
 
   def server_round(global_params, t):
     batch_idx = round_batch_indices(key, t, ids, sizes, config.local_iters,
