@@ -8,7 +8,8 @@
   devices, platform, CPU count).
 * ``predictions.npz``: per test input ``labels`` (ensemble, −1 = abstain),
   ``levels`` (−1 = not certified), ``y_true``, ``top_count`` and
-  ``runner_up_count`` (votes of the two most voted labels), ``baseline_labels``
+  ``runner_up_count`` (votes of the two most voted labels), ``p_lower`` (the
+  bound on the top label's probability that was used), ``baseline_labels``
   when run, and ``model_labels`` int8 ``[N, d]`` (every model's label) unless it
   has more than ``experiment.MAX_SAVED_PREDICTIONS`` entries.
 * ``certified_accuracy.csv``: ``m,ensemble,baseline`` (baseline empty if not run).
@@ -75,6 +76,15 @@ def _floats(a) -> list[float] | None:
   return None if a is None else [float(v) for v in np.asarray(a)]
 
 
+def _bound_description(mode: str) -> str:
+  if mode == "exact":
+    return "exact vote counts over all C(n, k) subsets (Theorem 1)"
+  if mode == "partition":
+    return "disjoint groups: deterministic vote margin"
+  return ("Clopper-Pearson lower bound at alpha / (2 d)" if experiment.SELECTION_CORRECTION
+          else "Clopper-Pearson lower bound at alpha / d (the paper's Algorithm 2)")
+
+
 def result_to_dict(result: experiment.ExperimentResult,
                    environment: dict[str, Any] | None = None) -> dict[str, Any]:
   """Everything of ``result`` except the per-input arrays, JSON-ready."""
@@ -88,6 +98,7 @@ def result_to_dict(result: experiment.ExperimentResult,
       "k": None if result.mode == "partition" else cfg.k,
       "num_models": result.num_models,
       "alpha": result.alpha,
+      "bound": _bound_description(result.mode),
       "num_classes": result.num_classes,
       "num_test": int(len(result.y_true)),
       "data": result.data_source,
@@ -115,6 +126,7 @@ def prediction_arrays(result: experiment.ExperimentResult) -> dict[str, np.ndarr
       "y_true": np.asarray(result.y_true, np.int32),
       "top_count": np.asarray(cert.top_count, np.int32),
       "runner_up_count": np.asarray(cert.runner_up_count, np.int32),
+      "p_lower": np.asarray(cert.p_lower, np.float64),
   }
   if result.baseline_labels is not None:
     arrays["baseline_labels"] = np.asarray(result.baseline_labels, np.int32)

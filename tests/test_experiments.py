@@ -38,7 +38,11 @@ def _command(script, *args):
   return [sys.executable, str(REPO / "experiments" / script), *map(str, args)]
 
 
-_ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
+# Tiny runs are compile-bound: XLA's -O0 backend halves their wall time. The tests
+# check the outputs' internal consistency, not accuracy, so optimisation does not matter.
+_ENV = {**os.environ, "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0")
+        .strip()}
 
 
 def run_cli(script, *args, check=True):
