@@ -159,8 +159,10 @@ def main(argv=None):
   print(f"step = vmap(models={m}) x vmap(clients={k}) x grad+SGD on batch {b}: "
         f"{m * k * b} example-gradients, {3 * 2 * mnist_cnn_macs(m * k * b) / 1e9:.2f} "
         f"GFLOP analytic (2*MACs*3)")
+  tokens = [t.strip() for t in args.variants.split(",")]
+  # A token naming a variant exactly selects just it; otherwise it matches substrings.
   names = list(VARIANTS) if args.variants == "all" else [
-      n for n in VARIANTS if any(s.strip() in n for s in args.variants.split(","))]
+      n for n in VARIANTS if n in tokens or any(t in n and t not in VARIANTS for t in tokens)]
   variants = {}
   for name in names:
     variants[name] = Variant(VARIANTS[name], m, k, b)
