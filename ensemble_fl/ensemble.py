@@ -58,6 +58,7 @@ PyTree = Any
 
 MODES = ("exact", "monte_carlo", "partition")
 MAX_EXACT_MODELS = 1_000_000
+MAX_CLIENTS = 2**31 - 1
 DEFAULT_CHUNK_SIZE = 64
 # predict's default chunk: about this many (model, input) pairs per call, the
 # activation footprint of training 64 MNIST models (64 x 10 clients x 32).
@@ -168,9 +169,13 @@ def make_plan(mode: str, *, n: int, k: int | None = None, num_models: int | None
       or more partition groups than clients.
   """
   n = _check_pos_int("n", n)
+  if n > MAX_CLIENTS:
+    raise ValueError(f"n = {n} clients exceeds {MAX_CLIENTS} (client ids are int32)")
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
     raise ValueError(f"seed must be an integer, got {seed!r}")
   seed = int(seed)
+  if not -2**63 <= seed < 2**63:
+    raise ValueError(f"seed must fit in int64, got {seed}")
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
   root = _root_key(seed)
@@ -285,8 +290,13 @@ _train_chunk = jax.jit(_train_chunk_impl, static_argnums=(0, 1, 2, 3))
 
 
 def _validate_plan(plan: SubsamplePlan, n: int, config: fedavg_lib.FedAvgConfig) -> None:
+  if not isinstance(plan, SubsamplePlan):
+    raise TypeError(f"plan must be a SubsamplePlan from make_plan, got {type(plan).__name__}")
   subsets = np.asarray(plan.subsets)
   keys = np.asarray(plan.keys)
+  for name, a in (("plan.subsets", subsets), ("plan.keys", keys)):
+    if not np.issubdtype(a.dtype, np.integer):
+      raise TypeError(f"{name} must be an integer array, got dtype {a.dtype}")
   if subsets.ndim != 2 or subsets.shape[0] < 1 or subsets.shape[1] < 1:
     raise ValueError(f"plan.subsets must be int [N, s] with N, s >= 1, got shape {subsets.shape}")
   if keys.shape != (subsets.shape[0], 2):
@@ -362,9 +372,25 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
   """
   if not isinstance(config, fedavg_lib.FedAvgConfig):
     raise ValueError(f"config must be a FedAvgConfig, got {type(config).__name__}")
+  for name, fn in (("init_fn", init_fn), ("apply_fn", apply_fn)):
+    if not callable(fn):
+      raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+  if progress is not None and not callable(progress):
+    raise TypeError(f"progress must be callable or None, got {type(progress).__name__}")
+  if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
+    raise TypeError(f"checkpoint_dir must be a path or None, got {type(checkpoint_dir).__name__}")
   validate_clients(clients)
+  clients = ClientData(*clients)
   n = clients.num_clients
   _validate_plan(plan, n, config)
+  try:  # trace one model on one example: a shape mismatch names clients.x
+    params = jax.eval_shape(init_fn, jax.ShapeDtypeStruct((2,), jnp.uint32))
+    jax.eval_shape(apply_fn, params,
+                   jax.ShapeDtypeStruct((1, *clients.feature_shape), jnp.float32))
+  except (TypeError, ValueError) as e:
+    raise ValueError(
+        f"init_fn/apply_fn do not fit clients.x of feature shape {clients.feature_shape}: "
+        f"{e}") from e
 
   mesh = _mesh()
   num_devices = mesh.devices.size
@@ -463,9 +489,23 @@ def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray,
   x = np.asarray(x)
   if x.ndim < 1 or x.shape[0] == 0:
     raise ValueError(f"x must be [d, ...] with d >= 1, got shape {x.shape}")
-  if not np.issubdtype(x.dtype, np.number) or not np.all(np.isfinite(x)):
+  if not callable(apply_fn):
+    raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
+  if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+    raise ValueError(f"x must hold real numbers, got dtype {x.dtype}")
+  if not np.all(np.isfinite(x)):
     raise ValueError("x contains NaN or inf")
+  if np.any(np.abs(x) > np.finfo(np.float32).max):
+    raise ValueError("x overflows float32")
   batch_size = _check_pos_int("batch_size", batch_size)
+  try:  # trace one model on one input: a shape mismatch names x, not dot_general
+    out = jax.eval_shape(apply_fn, jax.tree_util.tree_map(lambda l: l[0], stacked_params),
+                         jax.ShapeDtypeStruct((1, *x.shape[1:]), jnp.float32))
+  except (TypeError, ValueError) as e:
+    raise ValueError(
+        f"x of shape {x.shape} does not fit apply_fn with these stacked_params: {e}") from e
+  if not hasattr(out, "shape") or len(out.shape) != 2 or out.shape[0] != 1:
+    raise ValueError(f"apply_fn must return logits [B, C], got {out}")
   x = x.astype(np.float32)
   d = x.shape[0]
 
