@@ -274,12 +274,14 @@ def model_keys(raw_key: jax.Array) -> tuple[jax.Array, jax.Array]:
           jax.random.key_data(jax.random.fold_in(key, 1)))
 
 
-def _train_chunk_impl(init_fn, apply_fn, config, out_sharding, keys, subsets, x, y, sizes):
+def _train_chunk_impl(init_fn, apply_fn, config, out_sharding, keys, subsets, x, y, sizes,
+                      attack=None):
   clients = ClientData(x, y, sizes)
 
   def one(raw_key, subset):
     init_key, train_key = model_keys(raw_key)
-    return fedavg_lib.fedavg(apply_fn, init_fn(init_key), clients, subset, train_key, config)
+    return fedavg_lib.fedavg(apply_fn, init_fn(init_key), clients, subset, train_key, config,
+                             attack)
 
   params = jax.vmap(one)(keys, subsets)
   return jax.tree_util.tree_map(
@@ -337,7 +339,8 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
                    *, chunk_size: int | None = None,
                    progress: Callable[[int, int], None] | None = None,
                    checkpoint_dir: str | os.PathLike | None = None,
-                   fingerprint_extra: dict[str, Any] | None = None) -> PyTree:
+                   fingerprint_extra: dict[str, Any] | None = None,
+                   attack: Any = None) -> PyTree:
   """Trains one FedAvg global model per plan row.
 
   Args:
@@ -361,6 +364,12 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
     fingerprint_extra: JSON-serialisable facts that also determine the models
       but are invisible here (e.g. the model's architecture name); stored in
       the checkpoint's fingerprint.
+    attack: None, or an :class:`ensemble_fl.attacks.Attack` for these
+      clients, passed to every model's :func:`~ensemble_fl.fedavg.fedavg`
+      (and digested into the checkpoint fingerprint). All attacks and the
+      clean all-False ``attacks.no_attack`` share one program, so a model
+      whose subset holds no malicious client is bit-identical to its
+      ``no_attack`` twin (``attack=None`` is a different program).
 
   Returns:
     Host numpy params pytree; every leaf has a leading model axis ``N``.
@@ -383,6 +392,10 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
   clients = ClientData(*clients)
   n = clients.num_clients
   _validate_plan(plan, n, config)
+  if attack is not None:
+    attack.check_compatible(clients)
+    fingerprint_extra = {**(fingerprint_extra or {}),
+                         "attack": array_digest(*jax.tree_util.tree_leaves(attack))}
   try:  # trace one model on one example: a shape mismatch names clients.x
     params = jax.eval_shape(init_fn, jax.ShapeDtypeStruct((2,), jnp.uint32))
     jax.eval_shape(apply_fn, params,
@@ -403,6 +416,8 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
   x = to_global(np.asarray(clients.x, np.float32), replicated)
   y = to_global(np.asarray(clients.y, np.int32), replicated)
   sizes = to_global(np.asarray(clients.sizes, np.int32), replicated)
+  if attack is not None:
+    attack = jax.tree_util.tree_map(lambda a: to_global(np.asarray(a), replicated), attack)
   subsets_all = np.asarray(plan.subsets, np.int32)
   keys_all = np.asarray(plan.keys, np.uint32)
 
@@ -410,7 +425,8 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
     stop = min(start + chunk, total)
     keys = to_global(_pad_rows(keys_all[start:stop], chunk), model_sharding)
     subsets = to_global(_pad_rows(subsets_all[start:stop], chunk), model_sharding)
-    out = _train_chunk(init_fn, apply_fn, config, model_sharding, keys, subsets, x, y, sizes)
+    out = _train_chunk(init_fn, apply_fn, config, model_sharding, keys, subsets, x, y, sizes,
+                       attack)
     return stop - start, out
 
   starts = list(range(0, total, chunk))
