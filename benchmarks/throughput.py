@@ -140,7 +140,6 @@ def worker(spec: dict) -> dict:
     p0 = init_j(k0_init)
     compiled = train_j.lower(apply_fn, p0, dev_clients, plan.subsets[0], k0_train,
                              config).compile()
-    comp = compile_s[0] - before + 0.0
     t1 = time.perf_counter()
     outs = []
     for j in range(num_models):
