@@ -366,8 +366,7 @@ def certified_accuracy_curve(certificate, y_true: np.ndarray) -> tuple[np.ndarra
   """``(m, CA@m)`` for every m from 0 to the largest certified level + 1."""
   from ensemble_fl import certify  # pylint: disable=g-import-not-at-top
   levels = np.asarray(certificate.levels)
-  top = int(levels.max()) if levels.size else -1
-  m_values = np.arange(max(top, 0) + 2)
+  m_values = np.arange(max(int(levels.max()) if levels.size else -1, 0) + 2)
   return m_values, np.asarray(certify.certified_accuracy(certificate, y_true, m_values),
                               dtype=np.float64)
 
@@ -421,7 +420,14 @@ class ExperimentResult:
 
   @property
   def accuracy(self) -> float:
+    """CA@0: correct and not abstained (abstain is label -1)."""
     return float(np.mean(np.asarray(self.certificate.labels) == self.y_true))
+
+  @property
+  def max_level(self) -> int:
+    """The largest certified level over the test inputs (-1: none certified)."""
+    levels = np.asarray(self.certificate.levels)
+    return int(levels.max()) if levels.size else -1
 
   @property
   def baseline_accuracy(self) -> float | None:

@@ -89,7 +89,6 @@ def result_to_dict(result: experiment.ExperimentResult,
                    environment: dict[str, Any] | None = None) -> dict[str, Any]:
   """Everything of ``result`` except the per-input arrays, JSON-ready."""
   cfg = result.config
-  levels = np.asarray(result.certificate.levels)
   return {
       "dataset": cfg.dataset,
       "config": dataclasses.asdict(cfg),
@@ -104,7 +103,7 @@ def result_to_dict(result: experiment.ExperimentResult,
       "data": result.data_source,
       "accuracy": result.accuracy,
       "abstain_rate": float(np.mean(np.asarray(result.certificate.labels) < 0)),
-      "max_certified_level": int(levels.max()) if levels.size else -1,
+      "max_certified_level": result.max_level,
       "baseline_accuracy": result.baseline_accuracy,
       "certified_accuracy": {
           "m": [int(m) for m in result.m_values],
@@ -121,8 +120,8 @@ def prediction_arrays(result: experiment.ExperimentResult) -> dict[str, np.ndarr
   """The per-input arrays saved in ``predictions.npz``."""
   cert = result.certificate
   arrays = {
-      "labels": np.asarray(result.certificate.labels, np.int32),
-      "levels": np.asarray(result.certificate.levels, np.int32),
+      "labels": np.asarray(cert.labels, np.int32),
+      "levels": np.asarray(cert.levels, np.int32),
       "y_true": np.asarray(result.y_true, np.int32),
       "top_count": np.asarray(cert.top_count, np.int32),
       "runner_up_count": np.asarray(cert.runner_up_count, np.int32),
@@ -207,11 +206,10 @@ def summary_table(result: experiment.ExperimentResult) -> str:
     if has_base:
       row += f"  {result.baseline_ca[m]:>13.4f}"
     lines.append(row)
-  levels = np.asarray(result.certificate.levels)
   lines.append("")
   lines.append(f"accuracy: ensemble {result.accuracy:.4f}"
                + (f", single FedAvg {result.baseline_accuracy:.4f}" if has_base else "")
-               + f"; largest certified level {int(levels.max()) if levels.size else -1}")
+               + f"; largest certified level {result.max_level}")
   order = ("load_data", "train", "predict", "certify", "baseline_train", "baseline_predict",
            "total")
   times = [f"{k} {_seconds(result.timings[k])}" for k in order if k in result.timings]
