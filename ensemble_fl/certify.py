@@ -73,8 +73,8 @@ NOT_CERTIFIED = -1
 # is within 1e-10 relative of a threshold.
 _CP_SAFETY_MARGIN = 1e-10
 
-# Largest d * num_classes vote-count table `certify` builds (8 GB of int64).
-_MAX_COUNT_CELLS = 10**9
+# Largest d * num_classes vote-count table `certify` builds (800 MB of int64).
+_MAX_COUNT_CELLS = 10**8
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -156,7 +156,8 @@ def _check_n_k(n: Any, k: Any) -> tuple[int, int]:
 def _check_alpha(alpha, name: str = "alpha") -> float:
   """alpha must be a real number strictly between 0 and 1."""
   if alpha is None:
-    raise ValueError(f"{name} is required in monte_carlo mode")
+    raise ValueError(f"{name} is required"
+                     + (" in monte_carlo mode" if name == "alpha" else ""))
   if isinstance(alpha, (bool, np.bool_)) or not isinstance(
       alpha, (numbers.Real, np.floating, np.integer)):
     raise ValueError(f"{name} must be a number in (0, 1), got {alpha!r}")
@@ -301,6 +302,9 @@ def clopper_pearson_lower(top_count, num_models: int, alpha_per_input: float
   q = special.betaincinv(safe.astype(np.float64),
                          (num_models - safe + 1).astype(np.float64),
                          alpha_per_input)
+  # scipy's betaincinv returns NaN for some extreme levels (e.g. alpha below
+  # ~1e-100 with small counts); 0 is always a valid lower bound.
+  q = np.where(np.isnan(q), 0.0, q)
   q = np.nextafter(q * (1.0 - _CP_SAFETY_MARGIN), 0.0)
   q = np.clip(q, 0.0, 1.0)
   return np.where(counts > 0, q, 0.0)
@@ -559,6 +563,13 @@ def certified_accuracy(certificate: Certificate, y_true,
   if not np.issubdtype(y.dtype, np.integer):
     raise ValueError(f"y_true must have an integer dtype, got {y.dtype}")
   m = np.atleast_1d(np.asarray(m_values))
+  if m.dtype == object and m.ndim == 1 and all(
+      isinstance(v, (numbers.Integral, float, np.floating))
+      and not isinstance(v, (bool, np.bool_)) for v in m):
+    # Python ints beyond int64 (alone or mixed with floats): only the sign
+    # and "huge" matter; non-integral floats are rejected below.
+    m = np.array([min(float(v), 2.0**62) if isinstance(v, (float, np.floating))
+                  else min(int(v), 2**62) for v in m], dtype=np.float64)
   if m.ndim != 1:
     raise ValueError(f"m_values must be a scalar or 1-D, got shape {m.shape}")
   if m.size and not np.issubdtype(m.dtype, np.integer):
