@@ -227,8 +227,13 @@ def trimmed_mean(updates: PyTree, beta: float,
 
 
 def _check_krum_f(f: Any) -> int:
-  if (isinstance(f, (bool, np.bool_)) or not isinstance(f, (int, float, np.number))
-      or not np.isfinite(f) or int(f) != f or f < 0):
+  if isinstance(f, (int, np.integer)) and not isinstance(f, (bool, np.bool_)):
+    ok = f >= 0
+  elif isinstance(f, (float, np.floating)):
+    ok = math.isfinite(f) and f >= 0 and f == int(f)
+  else:
+    ok = False
+  if not ok:
     raise ValueError(f"krum_f must be a non-negative integer, got {f!r}")
   return int(f)
 
