@@ -308,6 +308,8 @@ def split_per_user(user: np.ndarray, *, train_fraction: float = 0.75, seed: int 
   user = np.asarray(user)
   if user.ndim != 1 or not np.issubdtype(user.dtype, np.integer):
     raise ValueError(f"user must be a 1-d integer array, got {user.dtype} {user.shape}")
+  if user.size and user.min() < 0:  # (seed, u) seeds a numpy Generator
+    raise ValueError(f"user ids must be non-negative, got {user.min()}")
   _check_train_fraction(train_fraction)
   _check_seed(seed)
   is_train = np.zeros(user.shape[0], dtype=bool)
