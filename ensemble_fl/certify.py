@@ -77,6 +77,14 @@ _CP_SAFETY_MARGIN = 1e-10
 _MAX_COUNT_CELLS = 10**8
 
 
+def _as_array(name: str, value: Any) -> np.ndarray:
+  """np.asarray, with a ragged nested sequence reported under ``name``."""
+  try:
+    return np.asarray(value)
+  except ValueError as e:  # "inhomogeneous shape": a ragged nested list
+    raise ValueError(f"{name} is not a rectangular array: {e}") from e
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Certificate:
   """Predicted labels and certified security levels of d test inputs.
@@ -288,7 +296,7 @@ def clopper_pearson_lower(top_count, num_models: int, alpha_per_input: float
   """
   num_models = _check_int("num_models", num_models, 1)
   alpha_per_input = _check_alpha(alpha_per_input, "alpha_per_input")
-  counts = np.asarray(top_count)
+  counts = _as_array("top_count", top_count)
   if counts.dtype == object or not (
       np.issubdtype(counts.dtype, np.integer) or counts.size == 0):
     raise ValueError(
@@ -317,7 +325,7 @@ def clopper_pearson_lower(top_count, num_models: int, alpha_per_input: float
 def _check_predictions(predictions, num_classes) -> tuple[np.ndarray, int]:
   """Validates the [N, d] label tensor; returns it as a numpy array."""
   num_classes = _check_int("num_classes", num_classes, 2)
-  preds = np.asarray(predictions)
+  preds = _as_array("predictions", predictions)
   if preds.ndim != 2:
     raise ValueError(
         f"predictions must be 2-D [N models, d inputs], got shape "
@@ -554,7 +562,7 @@ def certified_accuracy(certificate: Certificate, y_true,
     raise TypeError(
         f"certificate must be a Certificate from certify(), got "
         f"{type(certificate).__name__}")
-  y = np.asarray(y_true)
+  y = _as_array("y_true", y_true)
   d = certificate.num_inputs
   if y.ndim != 1 or y.shape[0] != d:
     raise ValueError(
@@ -562,7 +570,7 @@ def certified_accuracy(certificate: Certificate, y_true,
         f"{y.shape}")
   if not np.issubdtype(y.dtype, np.integer):
     raise ValueError(f"y_true must have an integer dtype, got {y.dtype}")
-  m = np.atleast_1d(np.asarray(m_values))
+  m = np.atleast_1d(_as_array("m_values", m_values))
   if m.dtype == object and m.ndim == 1 and all(
       isinstance(v, (numbers.Integral, float, np.floating))
       and not isinstance(v, (bool, np.bool_)) for v in m):
