@@ -9,9 +9,17 @@ rows, so padding is never read and no model ever copies the data.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
+
+
+def _as_array(name: str, value: Any) -> np.ndarray:
+  """np.asarray, with a ragged nested sequence reported under ``name``."""
+  try:
+    return np.asarray(value)
+  except ValueError as e:  # "inhomogeneous shape": a ragged nested list
+    raise ValueError(f"{name} is not a rectangular array: {e}") from e
 
 
 class ClientData(NamedTuple):
@@ -57,7 +65,8 @@ def pack_clients(
       feature shapes, non-finite features, non-integer or out-of-range labels.
   """
   for name, seq in (("xs", xs), ("ys", ys)):
-    if isinstance(seq, (str, bytes, dict)) or not hasattr(seq, "__len__"):
+    if isinstance(seq, (str, bytes, dict)) or not hasattr(seq, "__len__") or (
+        hasattr(seq, "shape") and len(seq.shape) == 0):
       raise TypeError(
           f"{name} must be a sequence of per-client arrays, got {type(seq).__name__}")
   num_classes = _check_num_classes(num_classes)
@@ -65,8 +74,8 @@ def pack_clients(
     raise ValueError(f"xs has {len(xs)} clients but ys has {len(ys)}")
   if len(xs) == 0:
     raise ValueError("no clients: xs and ys are empty")
-  xs = [np.asarray(x) for x in xs]
-  ys = [np.asarray(y) for y in ys]
+  xs = [_as_array(f"xs[{i}]", x) for i, x in enumerate(xs)]
+  ys = [_as_array(f"ys[{i}]", y) for i, y in enumerate(ys)]
   feature_shape = xs[0].shape[1:]
   for i, (x, y) in enumerate(zip(xs, ys)):
     if x.ndim < 1 or x.shape[0] == 0:
@@ -107,7 +116,8 @@ def validate_clients(clients: ClientData, *, num_classes: int | None = None) -> 
     raise TypeError(
         f"clients must be a ClientData(x, y, sizes), got {type(clients).__name__}")
   num_classes = _check_num_classes(num_classes)
-  x, y, sizes = (np.asarray(a) for a in clients)
+  x, y, sizes = (_as_array(f"clients.{name}", a)
+                 for name, a in zip(("x", "y", "sizes"), clients))
   if not _is_real(x.dtype):
     raise ValueError(f"clients.x must hold real numbers, got dtype {x.dtype}")
   if x.ndim < 2:
