@@ -28,6 +28,14 @@ PyTree = Any
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum")
 
 
+def _as_array(name: str, value: Any) -> np.ndarray:
+  """np.asarray, with a ragged nested sequence reported under ``name``."""
+  try:
+    return np.asarray(value)
+  except ValueError as e:  # "inhomogeneous shape": a ragged nested list
+    raise ValueError(f"{name} is not a rectangular array: {e}") from e
+
+
 def _full_mask(updates: PyTree) -> jax.Array:
   s = jax.tree_util.tree_leaves(updates)[0].shape[0]
   return jnp.ones((s,), dtype=bool)
@@ -65,7 +73,7 @@ def _get_mask(updates: PyTree, mask: Any, s: int) -> jax.Array:
     return _full_mask(updates)
   dtype = getattr(mask, "dtype", None)
   if dtype is None:
-    dtype = np.asarray(mask).dtype
+    dtype = _as_array("mask", mask).dtype
   if not (jnp.issubdtype(dtype, jnp.bool_) or jnp.issubdtype(dtype, jnp.integer)):
     raise TypeError(f"mask must be bool [s], got dtype {dtype}")
   if np.shape(mask) != (s,):
@@ -97,7 +105,7 @@ def weighted_mean(updates: PyTree, weights: jax.Array,
   mask = _get_mask(updates, mask, s)
   w_dtype = getattr(weights, "dtype", None)
   if w_dtype is None:
-    w_dtype = np.asarray(weights).dtype
+    w_dtype = _as_array("weights", weights).dtype
   if not (jnp.issubdtype(w_dtype, jnp.integer) or jnp.issubdtype(w_dtype, jnp.floating)):
     raise TypeError(f"weights must be a real array [s], got dtype {w_dtype}")
   if np.shape(weights) != (s,):
