@@ -502,7 +502,10 @@ def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray,
   total = int(np.shape(leaves[0])[0]) if np.ndim(leaves[0]) else 0
   if total < 1 or any(np.ndim(l) < 1 or np.shape(l)[0] != total for l in leaves):
     raise ValueError("every leaf of stacked_params needs the same leading model axis N >= 1")
-  x = np.asarray(x)
+  try:
+    x = np.asarray(x)
+  except ValueError as e:  # a ragged nested list
+    raise ValueError(f"x is not a rectangular array: {e}") from e
   if x.ndim < 1 or x.shape[0] == 0:
     raise ValueError(f"x must be [d, ...] with d >= 1, got shape {x.shape}")
   if not callable(apply_fn):
