@@ -306,6 +306,7 @@ def run(cfg: AttackEvalConfig, data=None, *, log: Callable[[str], None] = print,
 
   rows_out = []
   first = True
+  trig = None  # backdoor: the triggered test inputs, their clean votes and certificate
   for name in cfg.attacks:
     kind, kwargs = attack_kwargs(name, cfg, num_classes)
     for m in m_values:
@@ -334,8 +335,9 @@ def run(cfg: AttackEvalConfig, data=None, *, log: Callable[[str], None] = print,
       covered = levels >= m
       changed = att_labels != np.asarray(cert.labels)
       violations = int(np.sum(changed & covered))
-      single_att = timed("train_single", lambda: np.asarray(ensemble.predict(
-          apply_fn, train(single_plan, atk), x_test))[0])
+      single_params = timed("train_single", train, single_plan, atk)
+      single_att = timed("predict", lambda: np.asarray(ensemble.predict(
+          apply_fn, single_params, x_test))[0])
       row = {
           "attack": name, "kind": kind, "m": int(m), "malicious_ids": ids.tolist(),
           "models_affected": int(affected.sum()), "models_retrained": int(rows.size),
@@ -353,7 +355,24 @@ def run(cfg: AttackEvalConfig, data=None, *, log: Callable[[str], None] = print,
           "single_clean_accuracy": single_clean_acc,
           "seconds": time.perf_counter() - t0,
       }
+      if kind == "backdoor":
+        if trig is None:
+          trig = _triggered_inputs(atk, x_test, y_test, cfg.target_label)
+          trig["preds"] = timed("predict", lambda: np.asarray(
+              ensemble.predict(apply_fn, clean_params, trig["x"])))
+          trig["cert"] = certify.certify(trig["preds"], num_classes=num_classes, n=n, k=cfg.k,
+                                         mode="exact")
+          trig["single_clean"] = timed("predict", lambda: np.asarray(
+              ensemble.predict(apply_fn, train(single_plan, clean_attack), trig["x"]))[0])
+        row.update(_backdoor_stats(trig, m, cfg.target_label, rows, hit, params, single_params,
+                                   apply_fn, num_classes, n, cfg.k, timed))
       rows_out.append(row)
+      if kind == "backdoor":
+        log(f"{name:12s} m={m:2d}: triggered inputs labelled {cfg.target_label}: ensemble "
+            f"{row['ensemble_backdoor_rate']:.4f} (clean {row['ensemble_backdoor_rate_clean']:.4f})"
+            f", single {row['single_backdoor_rate']:.4f} (clean "
+            f"{row['single_backdoor_rate_clean']:.4f}); certified triggered inputs changed: "
+            f"{row['trigger_violations']}/{row['trigger_certified_inputs']}")
       log(f"{name:12s} m={m:2d}: {row['models_affected']:4d} models affected, "
           f"{row['models_retrained']:4d} retrained, {row['clean_models_checked']:4d} clean "
           f"checked ({row['bit_mismatches']} bit mismatches); violations "
@@ -377,7 +396,8 @@ def run(cfg: AttackEvalConfig, data=None, *, log: Callable[[str], None] = print,
                               zip(*np.unique(levels, return_counts=True))},
       },
       "rows": rows_out,
-      "total_violations": int(sum(r["violations"] for r in rows_out)),
+      "total_violations": int(sum(r["violations"] + r.get("trigger_violations", 0)
+                                  for r in rows_out)),
       "total_bit_mismatches": int(sum(r["bit_mismatches"] for r in rows_out)),
       "total_clean_models_checked": int(sum(r["clean_models_checked"] for r in rows_out)),
       "timings": timings,
@@ -393,7 +413,9 @@ CSV_FIELDS = ("attack", "m", "models_affected", "models_retrained", "full_retrai
               "clean_models_checked", "bit_mismatches", "certified_inputs", "violations",
               "violation_fraction", "changed_inputs", "ensemble_attacked_accuracy", "ca_at_m",
               "single_attacked_accuracy", "ensemble_clean_accuracy", "single_clean_accuracy",
-              "seconds", "malicious_ids")
+              "seconds", "trigger_inputs", "trigger_certified_inputs", "trigger_violations",
+              "ensemble_backdoor_rate", "ensemble_backdoor_rate_clean", "single_backdoor_rate",
+              "single_backdoor_rate_clean", "malicious_ids")
 
 
 def write_outputs(out_dir: str | os.PathLike, result: dict[str, Any]) -> list[str]:
@@ -411,7 +433,8 @@ def write_outputs(out_dir: str | os.PathLike, result: dict[str, Any]) -> list[st
     w.writerow(CSV_FIELDS)
     for r in result["rows"]:
       w.writerow([" ".join(map(str, r[c])) if c == "malicious_ids" else
-                  repr(r[c]) if isinstance(r[c], float) else r[c] for c in CSV_FIELDS])
+                  repr(r[c]) if isinstance(r.get(c), float) else r.get(c, "")
+                  for c in CSV_FIELDS])
   png = plot(os.path.join(out_dir, "attack.png"), result)
   if png is not None:
     paths.append(png)
@@ -443,7 +466,7 @@ def plot(path: str, result: dict[str, Any]) -> str | None:
               label="ensemble, attacked")
       ax.plot(ms, [r["single_attacked_accuracy"] for r in rows], "s-",
               label="single FedAvg, attacked")
-      bad = [r for r in rows if r["violations"]]
+      bad = [r for r in rows if r["violations"] or r.get("trigger_violations")]
       if bad:
         ax.plot([r["m"] for r in bad], [r["ensemble_attacked_accuracy"] for r in bad], "rx",
                 markersize=10, label="violation")
@@ -452,10 +475,16 @@ def plot(path: str, result: dict[str, Any]) -> str | None:
       ax.set_ylim(-0.02, 1.02)
       ax.grid(True, alpha=0.3)
     axes[0][0].set_ylabel("test accuracy")
-    axes[0][-1].legend(fontsize=7, loc="lower left")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes[0][1:]:  # a violation marker may appear in any panel
+      for h, l in zip(*ax.get_legend_handles_labels()):
+        if l not in labels:
+          handles.append(h)
+          labels.append(l)
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     fig.suptitle(f"{result['data_source']}: N = {result['num_models']}, k = {result['k']}",
                  fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path)
   finally:
     plt.close(fig)
@@ -473,6 +502,14 @@ def summary_table(result: dict[str, Any]) -> str:
         f"{r['bit_mismatches']:5d} {r['certified_inputs']:9d} {r['violations']:5d} "
         f"{r['ensemble_attacked_accuracy']:7.4f} {r['ca_at_m']:6.4f} "
         f"{r['single_attacked_accuracy']:6.4f}")
+  for r in result["rows"]:
+    if "trigger_inputs" in r:
+      lines.append(
+          f"backdoor m={r['m']}: {r['trigger_inputs']} triggered test inputs labelled the target: "
+          f"ensemble {r['ensemble_backdoor_rate']:.4f} (clean {r['ensemble_backdoor_rate_clean']:.4f}), "
+          f"single {r['single_backdoor_rate']:.4f} (clean {r['single_backdoor_rate_clean']:.4f}); "
+          f"certified triggered inputs changed {r['trigger_violations']}/"
+          f"{r['trigger_certified_inputs']}")
   c = result["clean"]
   lines.append(f"clean: ensemble {c['ensemble_accuracy']:.4f}, single FedAvg "
                f"{c['single_accuracy']:.4f}, largest level {c['max_level']}; violations "
@@ -577,3 +614,37 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
           f"{result['total_bit_mismatches']} bit mismatches", file=sys.stderr)
     return 1
   return 0
+
+
+def _triggered_inputs(atk, x_test: np.ndarray, y_test: np.ndarray, target: int) -> dict:
+  """The test inputs whose label is not ``target``, with the backdoor trigger stamped."""
+  keep = np.flatnonzero(y_test != target)
+  mask = np.asarray(atk.trigger_mask)
+  x = np.where(mask[None], np.asarray(atk.trigger_value, np.float32)[None], x_test[keep])
+  return {"x": x.astype(np.float32), "index": keep}
+
+
+def _backdoor_stats(trig, m, target, rows, hit, params, single_params, apply_fn, num_classes,
+                    n, k, timed) -> dict:
+  """Backdoor success (share of triggered inputs labelled ``target``), clean and
+  attacked, and the certificate check on the triggered inputs too."""
+  from ensemble_fl import certify, ensemble  # pylint: disable=g-import-not-at-top
+  preds = trig["preds"].copy()
+  if hit.size:
+    preds[rows[hit]] = timed("predict", lambda: np.asarray(
+        ensemble.predict(apply_fn, _rows(params, hit), trig["x"])))
+  cert = certify.certify(preds, num_classes=num_classes, n=n, k=k, mode="exact")
+  clean_cert = trig["cert"]
+  covered = np.asarray(clean_cert.levels) >= m
+  changed = np.asarray(cert.labels) != np.asarray(clean_cert.labels)
+  single = timed("predict", lambda: np.asarray(
+      ensemble.predict(apply_fn, single_params, trig["x"]))[0])
+  return {
+      "trigger_inputs": int(trig["x"].shape[0]),
+      "trigger_certified_inputs": int(covered.sum()),
+      "trigger_violations": int(np.sum(changed & covered)),
+      "ensemble_backdoor_rate": float(np.mean(np.asarray(cert.labels) == target)),
+      "ensemble_backdoor_rate_clean": float(np.mean(np.asarray(clean_cert.labels) == target)),
+      "single_backdoor_rate": float(np.mean(single == target)),
+      "single_backdoor_rate_clean": float(np.mean(trig["single_clean"] == target)),
+  }

@@ -275,7 +275,7 @@ class attack_eval_data:  # pylint: disable=invalid-name
 def test_the_certificate_holds_on_a_tiny_exact_run():
   data = separable_data()
   cfg = attack_eval.AttackEvalConfig(
-      dataset="har", k=2, m_values=(), attacks=("label_flip", "scaled"),
+      dataset="har", k=2, m_values=(), attacks=("backdoor", "scaled"),
       global_iters=2, local_iters=2, lr=0.05, batch_size=8, n_clients=8, chunk_size=7,
       full_retrain="first")
   result = attack_eval.run(cfg, data, log=lambda s: None)
@@ -285,7 +285,9 @@ def test_the_certificate_holds_on_a_tiny_exact_run():
   assert result["total_bit_mismatches"] == 0 and result["total_clean_models_checked"] > 0
   assert result["rows"][0]["full_retrain"]
   for r in result["rows"]:
-    assert r["certified_inputs"] > 0
+    assert r["certified_inputs"] > 0 and r["violations"] == 0
+    if r["attack"] == "backdoor":
+      assert r["trigger_inputs"] > 0 and r["trigger_violations"] == 0
     assert r["ensemble_attacked_accuracy"] >= r["ca_at_m"]
   # The strong update attacks do hurt single FedAvg.
   single = {r["attack"]: r["single_attacked_accuracy"] for r in result["rows"]}
