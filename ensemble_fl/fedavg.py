@@ -163,8 +163,14 @@ def _real_ids(subset: jax.Array) -> tuple[jax.Array, jax.Array]:
   return ids, mask
 
 
-def _check_fedavg_args(apply_fn, clients, subset, config) -> None:
+def _check_fedavg_args(apply_fn, params, clients, subset, config) -> None:
   """Static checks of fedavg's arguments; subset values too when not traced."""
+  leaves = jax.tree_util.tree_leaves(params)
+  if not leaves:
+    raise ValueError(f"params is an empty pytree, got {params!r:.60}")
+  for leaf in leaves:
+    if not hasattr(leaf, "dtype") or not jnp.issubdtype(leaf.dtype, jnp.floating):
+      raise TypeError(f"params leaves must be float arrays, got {getattr(leaf, 'dtype', leaf)!r}")
   if not isinstance(config, FedAvgConfig):
     raise TypeError(f"config must be a FedAvgConfig, got {type(config).__name__}")
   if not callable(apply_fn):
@@ -215,7 +221,7 @@ def fedavg(apply_fn: ApplyFn, params: PyTree, clients: ClientData, subset: jax.A
   Returns:
     The trained global parameters, same structure and dtypes as ``params``.
   """
-  _check_fedavg_args(apply_fn, clients, subset, config)
+  _check_fedavg_args(apply_fn, params, clients, subset, config)
   subset = jnp.asarray(subset, jnp.int32)
   if subset.ndim != 1:
     raise ValueError(f"subset must be int32 [s], got shape {subset.shape}")
