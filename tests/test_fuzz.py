@@ -1122,3 +1122,20 @@ def _cert3():
 ])
 def test_ragged_inputs_are_named(name, call):
   _raises(lambda: call(_RAGGED), rf"{name} is not a rectangular array")
+
+
+@pytest.mark.parametrize("params,pattern", [
+    (None, r"params is an empty pytree"),
+    ({}, r"params is an empty pytree"),
+    ({"w": np.zeros((4, 3), np.int32)}, r"params leaves must be float arrays"),
+    ({"w": [[0.0] * 3] * 4}, r"params leaves must be float arrays"),
+])
+def test_fedavg_rejects_bad_params(params, pattern):
+  _raises(lambda: fedavg.fedavg(apply_fn, params, _clients(), np.array([0]),
+                                jax.random.PRNGKey(0), CONFIG), pattern)
+
+
+@pytest.mark.parametrize("key", [None, 5, jnp.zeros(3, jnp.uint32), jnp.zeros(2)])
+def test_fedavg_rejects_bad_key(key):
+  _raises(lambda: fedavg.fedavg(apply_fn, PARAMS, _clients(), np.array([0]), key, CONFIG),
+          r"PRNG key")
