@@ -587,7 +587,10 @@ def certified_accuracy(certificate: Certificate, y_true,
   if m.size and m.min() < 0:
     raise ValueError(f"m_values must be >= 0, got {m_values!r}")
   # Levels are <= n - k, far below 2**62: larger m (even beyond int64) get 0.
-  m = np.minimum(m, 2**62) if m.size else m
+  if m.dtype.kind == "u":
+    m = np.minimum(m, np.uint64(2**62)).astype(np.int64)
+  elif m.dtype.kind == "f":
+    m = np.minimum(m.astype(np.float64), 2.0**62)
   correct = (certificate.labels == y) & (certificate.labels >= 0)
   # CA@m is a step function of m: count correct inputs with level >= m by
   # sorting the levels once instead of an [M, d] comparison.
