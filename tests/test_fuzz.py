@@ -1139,3 +1139,134 @@ def test_fedavg_rejects_bad_params(params, pattern):
 def test_fedavg_rejects_bad_key(key):
   _raises(lambda: fedavg.fedavg(apply_fn, PARAMS, _clients(), np.array([0]), key, CONFIG),
           r"PRNG key")
+
+
+# ------------------------------------- anything goes: sane result or ValueError
+
+
+_ANY_SCALAR = st.one_of(
+    st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(),
+    st.text(max_size=3), st.complex_numbers(max_magnitude=10),
+    st.sampled_from([np.int8(3), np.uint64(2**64 - 1), np.float16(0.5), np.array(2)]))
+_ANY_ARRAY = st.one_of(
+    hnp.arrays(st.sampled_from([np.int8, np.int32, np.int64, np.uint8, np.uint64,
+                                np.float32, np.float64, np.bool_, np.complex64]),
+               hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4)),
+    st.lists(st.integers(-3, 3), max_size=4),
+    st.lists(st.lists(st.integers(-3, 3), max_size=3), max_size=3),
+    _ANY_SCALAR)
+
+
+@hypothesis.settings(max_examples=300, deadline=None, derandomize=True)
+@hypothesis.given(preds=_ANY_ARRAY,
+                  num_classes=st.one_of(st.integers(-1, 5), _ANY_SCALAR),
+                  n=st.one_of(st.integers(-1, 8), _ANY_SCALAR),
+                  k=st.one_of(st.integers(-1, 8), _ANY_SCALAR),
+                  alpha=st.one_of(st.floats(), _ANY_SCALAR),
+                  mode=st.sampled_from(list(cert.MODES) + [None, "x"]))
+def test_certify_anything_goes(preds, num_classes, n, k, alpha, mode):
+  try:
+    c = cert.certify(preds, num_classes=num_classes, n=n, k=k, alpha=alpha, mode=mode)
+  except BAD:
+    return
+  num_models, d = np.shape(preds)
+  _check_certificate(c, num_models, d, num_classes, c.n, c.k)
+
+
+@hypothesis.settings(max_examples=200, deadline=None, derandomize=True)
+@hypothesis.given(p_lower=st.one_of(st.floats(), _ANY_SCALAR),
+                  p_upper=st.one_of(st.floats(0, 1), _ANY_SCALAR),
+                  n=st.one_of(st.integers(-1, 50), _ANY_SCALAR),
+                  k=st.one_of(st.integers(-1, 50), _ANY_SCALAR))
+def test_certified_level_anything_goes(p_lower, p_upper, n, k):
+  try:
+    level = cert.certified_level(p_lower, p_upper, n, k)
+  except BAD:
+    return
+  assert isinstance(level, int) and -1 <= level <= int(n) - int(k)
+
+
+@hypothesis.settings(max_examples=150, deadline=None, derandomize=True)
+@hypothesis.given(xs=st.lists(_ANY_ARRAY, max_size=3), ys=st.lists(_ANY_ARRAY, max_size=3),
+                  num_classes=st.one_of(st.none(), st.integers(-1, 4), _ANY_SCALAR))
+def test_pack_clients_anything_goes(xs, ys, num_classes):
+  try:
+    c = pack_clients(xs, ys, num_classes=num_classes)
+  except BAD:
+    return
+  validate_clients(c, num_classes=num_classes)
+  assert c.x.dtype == np.float32 and np.all(np.isfinite(c.x))
+  assert np.all(c.sizes >= 1)
+
+
+@hypothesis.settings(max_examples=150, deadline=None, derandomize=True)
+@hypothesis.given(y=_ANY_ARRAY, m_values=_ANY_ARRAY)
+def test_certified_accuracy_anything_goes(y, m_values):
+  c = cert.certify(np.array([[0, 1, 1]] * 3), num_classes=2, mode="partition")
+  try:
+    ca = cert.certified_accuracy(c, y, m_values)
+  except BAD:
+    return
+  assert ca.dtype == np.float64 and np.all((ca >= 0) & (ca <= 1))
+
+
+@hypothesis.settings(max_examples=150, deadline=None, derandomize=True)
+@hypothesis.given(counts=_ANY_ARRAY, num_models=st.one_of(st.integers(-1, 6), _ANY_SCALAR),
+                  alpha=st.one_of(st.floats(), _ANY_SCALAR))
+def test_clopper_pearson_anything_goes(counts, num_models, alpha):
+  try:
+    q = cert.clopper_pearson_lower(counts, num_models, alpha)
+  except BAD:
+    return
+  assert q.shape == np.shape(counts) and np.all((q >= 0) & (q <= 1))
+
+
+@hypothesis.settings(max_examples=150, deadline=None, derandomize=True)
+@hypothesis.given(signals=_ANY_ARRAY, label=_ANY_ARRAY, user=_ANY_ARRAY,
+                  window=st.one_of(st.integers(-1, 3), _ANY_SCALAR),
+                  stride=st.one_of(st.integers(-1, 3), _ANY_SCALAR))
+def test_window_signals_anything_goes(signals, label, user, window, stride):
+  try:
+    w, y, u = har.window_signals(signals, label, user, user, window=window, stride=stride)
+  except BAD:
+    return
+  assert w.ndim == 3 and w.shape[0] == y.shape[0] == u.shape[0]
+  assert np.all((y >= 0) & (y < har.NUM_CLASSES)) and np.all(np.isfinite(w))
+
+
+@hypothesis.settings(max_examples=150, deadline=None, derandomize=True)
+@hypothesis.given(x=_ANY_ARRAY, y=_ANY_ARRAY,
+                  n_clients=st.one_of(st.integers(-1, 4), _ANY_SCALAR),
+                  num_groups=st.one_of(st.integers(-1, 3), _ANY_SCALAR),
+                  q=st.one_of(st.floats(), _ANY_SCALAR), seed=_ANY_SCALAR)
+def test_split_mnist_clients_anything_goes(x, y, n_clients, num_groups, q, seed):
+  try:
+    c = mnist.split_mnist_clients(x, y, n_clients=n_clients, num_groups=num_groups, q=q,
+                                  seed=seed)
+  except BAD:
+    return
+  validate_clients(c)
+  assert c.sizes.sum() == np.shape(y)[0]
+
+
+@hypothesis.settings(max_examples=150, deadline=None, derandomize=True)
+@hypothesis.given(user=_ANY_ARRAY, frac=st.one_of(st.floats(), _ANY_SCALAR),
+                  seed=_ANY_SCALAR)
+def test_split_per_user_anything_goes(user, frac, seed):
+  try:
+    is_train = har.split_per_user(user, train_fraction=frac, seed=seed)
+  except BAD:
+    return
+  assert is_train.dtype == bool and is_train.shape == np.shape(user)
+
+
+@hypothesis.settings(max_examples=150, deadline=None, derandomize=True)
+@hypothesis.given(x=_ANY_ARRAY, y=_ANY_ARRAY, sizes=_ANY_ARRAY,
+                  num_classes=st.one_of(st.none(), st.integers(-1, 4), _ANY_SCALAR))
+def test_validate_clients_anything_goes(x, y, sizes, num_classes):
+  try:
+    validate_clients(ClientData(x, y, sizes), num_classes=num_classes)
+  except BAD:
+    return
+  x, sizes = np.asarray(x), np.asarray(sizes)
+  assert x.ndim >= 2 and sizes.shape == (x.shape[0],) and np.all(sizes >= 1)
