@@ -1270,3 +1270,95 @@ def test_validate_clients_anything_goes(x, y, sizes, num_classes):
     return
   x, sizes = np.asarray(x), np.asarray(sizes)
   assert x.ndim >= 2 and sizes.shape == (x.shape[0],) and np.all(sizes >= 1)
+
+
+@hypothesis.settings(max_examples=60, deadline=None, derandomize=True)
+@hypothesis.given(rule=st.sampled_from(agg.AGGREGATORS),
+                  updates=st.one_of(hnp.arrays(st.sampled_from([np.float32, np.int32,
+                                                                 np.bool_]),
+                                               st.sampled_from([(), (0,), (3,), (3, 2),
+                                                                (4, 1)])),
+                                    _ANY_SCALAR),
+                  weights=st.one_of(hnp.arrays(np.float32, st.sampled_from([(3,), (4,)])),
+                                    _ANY_SCALAR),
+                  mask=st.one_of(st.none(), hnp.arrays(np.bool_, st.sampled_from([(3,), (4,)])),
+                                 _ANY_SCALAR),
+                  beta=st.one_of(st.floats(), _ANY_SCALAR),
+                  f=st.one_of(st.integers(-1, 2), _ANY_SCALAR))
+def test_aggregate_anything_goes(rule, updates, weights, mask, beta, f):
+  try:
+    out = agg.aggregate(rule, {"u": updates}, weights, mask, trim_beta=beta, krum_f=f)
+  except BAD:
+    return
+  assert out["u"].shape == np.shape(updates)[1:]
+
+
+@hypothesis.settings(max_examples=40, deadline=None, derandomize=True)
+@hypothesis.given(mode=st.sampled_from(list(ensemble.MODES) + [None]),
+                  n=st.one_of(st.integers(-1, 5), _ANY_SCALAR),
+                  k=st.one_of(st.none(), st.integers(-1, 5), _ANY_SCALAR),
+                  num_models=st.one_of(st.none(), st.integers(-1, 4), _ANY_SCALAR),
+                  seed=st.one_of(st.integers(-2**64, 2**64), _ANY_SCALAR))
+def test_make_plan_anything_goes(mode, n, k, num_models, seed):
+  try:
+    plan = ensemble.make_plan(mode, n=n, k=k, num_models=num_models, seed=seed)
+  except BAD:
+    return
+  assert plan.subsets.ndim == 2 and plan.keys.shape == (plan.num_models, 2)
+  real = plan.subsets[plan.subsets >= 0]
+  assert real.size and real.max() < int(n) and plan.subsets.min() >= -1
+
+
+@FAST
+@hypothesis.given(fields=st.fixed_dictionaries({}, optional={
+    "global_iters": _ANY_SCALAR, "local_iters": _ANY_SCALAR, "lr": _ANY_SCALAR,
+    "batch_size": _ANY_SCALAR, "server_lr": _ANY_SCALAR, "trim_beta": _ANY_SCALAR,
+    "krum_f": _ANY_SCALAR, "aggregator": st.one_of(_ANY_SCALAR, st.sampled_from(
+        agg.AGGREGATORS))}))
+def test_fedavg_config_anything_goes(fields):
+  try:
+    cfg = fedavg.FedAvgConfig(**{**_CONFIG_FIELDS, **fields})
+  except BAD:
+    return
+  hash(cfg)  # usable as a jit static argument
+  assert cfg.global_iters >= 1 and cfg.lr > 0 and 0 <= cfg.trim_beta < 0.5
+
+
+_JSONISH = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=3)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                            st.dictionaries(st.text(max_size=3), inner, max_size=3)),
+    max_leaves=8)
+
+
+@FEW
+@hypothesis.given(fingerprint=st.dictionaries(st.text(max_size=4), _JSONISH, max_size=4))
+def test_chunk_store_fingerprint_roundtrip(tmp_path_factory, fingerprint):
+  # Any JSON-ish fingerprint (NaN and inf included) can be stored and resumed.
+  run_dir = tmp_path_factory.mktemp("run")
+  ChunkStore(run_dir, fingerprint)
+  ChunkStore(run_dir, fingerprint)
+
+
+@FAST
+@hypothesis.given(address=st.one_of(st.none(), st.text(max_size=5), _ANY_SCALAR),
+                  num=st.one_of(st.none(), st.integers(-2, 3), _ANY_SCALAR),
+                  pid=st.one_of(st.none(), st.integers(-2, 3), _ANY_SCALAR),
+                  ldc=st.one_of(st.none(), st.integers(-2, 3), _ANY_SCALAR))
+def test_initialize_anything_goes(address, num, pid, ldc):
+  calls = []
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    mp.setattr(jax.config, "update", lambda *a: None)
+    mp.setattr(distributed, "_initialized", False)
+    try:
+      distributed.initialize(address, num, pid, local_device_count=ldc)
+    except BAD:
+      return
+  # Reaching jax means the arguments were consistent.
+  assert len(calls) == 1
+  if num is not None:
+    assert isinstance(address, str) and address.strip()
+    assert isinstance(num, (int, np.integer)) and 0 <= pid < num
+  if ldc is not None:
+    assert isinstance(ldc, (int, np.integer)) and ldc >= 1
