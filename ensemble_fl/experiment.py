@@ -41,8 +41,6 @@ PRESETS = ("paper", "cpu")
 
 # Exact mode trains one model per k-subset; refuse absurd requests early.
 MAX_EXACT_MODELS = 100_000
-# Above this many entries the [N, d] label tensor is not written to predictions.npz.
-MAX_SAVED_PREDICTIONS = 20_000_000
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@
   ``runner_up_count`` (votes of the two most voted labels), ``p_lower`` (the
   bound on the top label's probability that was used), ``baseline_labels``
   when run, and ``model_labels`` int8 ``[N, d]`` (every model's label) unless it
-  has more than ``experiment.MAX_SAVED_PREDICTIONS`` entries.
+  has more than ``MAX_SAVED_PREDICTIONS`` entries.
 * ``certified_accuracy.csv``: ``m,ensemble,baseline`` (baseline empty if not run).
 * ``certified_accuracy.png``: the paper's Figure 2 for this run (skipped with a
   warning when matplotlib is missing).
@@ -39,6 +39,8 @@ from ensemble_fl import experiment
 from ensemble_fl import plotting
 
 DATASET_NAMES = {"mnist": "MNIST", "har": "HAR"}
+# Above this many entries the [N, d] vote tensor is left out of predictions.npz.
+MAX_SAVED_PREDICTIONS = 20_000_000
 
 
 def environment_info() -> dict[str, Any]:
@@ -129,7 +131,7 @@ def prediction_arrays(result: experiment.ExperimentResult) -> dict[str, np.ndarr
   }
   if result.baseline_labels is not None:
     arrays["baseline_labels"] = np.asarray(result.baseline_labels, np.int32)
-  if result.predictions.size <= experiment.MAX_SAVED_PREDICTIONS:
+  if result.predictions.size <= MAX_SAVED_PREDICTIONS:
     dtype = np.int8 if result.num_classes <= 127 else np.int32
     arrays["model_labels"] = result.predictions.astype(dtype)
   return arrays
