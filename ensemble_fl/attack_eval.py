@@ -96,7 +96,7 @@ _PAPER = {
 }
 _CPU = {
     "har": dict(global_iters=5, lr=0.1),
-    "mnist": dict(global_iters=5, lr=0.1, batch_size=8, test_size=500, chunk_size=19),
+    "mnist": dict(global_iters=10, lr=0.1, batch_size=8, test_size=200, chunk_size=19),
 }
 
 
