@@ -113,6 +113,8 @@ class Certificate:
     alpha: confidence parameter (Monte Carlo mode only, else None).
     num_models: N, the number of global models that voted.
     num_classes: number of labels.
+    selection_correction: Monte Carlo mode: whether the bound was taken at
+      alpha / (2d) (True) or at the paper's alpha / d (False); None otherwise.
   """
   labels: np.ndarray
   levels: np.ndarray
@@ -128,6 +130,7 @@ class Certificate:
   alpha: Optional[float]
   num_models: int
   num_classes: int
+  selection_correction: Optional[bool] = None
 
   @property
   def num_inputs(self) -> int:
@@ -539,7 +542,10 @@ def certify(predictions, *, num_classes: int, n: Optional[int] = None,
   for a in arrays.values():
     a.setflags(write=False)  # a frozen certificate should stay frozen
   return Certificate(mode=mode, n=n, k=k, alpha=alpha, num_models=num_models,
-                     num_classes=num_classes, **arrays)
+                     num_classes=num_classes,
+                     selection_correction=(bool(selection_correction)
+                                           if mode == "monte_carlo" else None),
+                     **arrays)
 
 
 # ---------------------------------------------------------------------------

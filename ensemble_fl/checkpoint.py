@@ -21,7 +21,6 @@ import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
-import jax
 import numpy as np
 
 _MANIFEST = "manifest.json"
@@ -76,6 +75,10 @@ def _atomic_write(path: Path, write) -> None:
   _fsync_dir(path.parent)
 
 
+class ConfigMismatchError(ValueError):
+  """A run directory was written by a run with a different configuration."""
+
+
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
   if isinstance(old, dict) and isinstance(new, dict):
     out = []
@@ -119,7 +122,7 @@ class ChunkStore:
         raise ValueError(f"{manifest} is not valid JSON ({e}); delete the run directory to start over") from e
       if stored != self.fingerprint:
         fields = ", ".join(_differences(stored, self.fingerprint)) or "<structure>"
-        raise ValueError(
+        raise ConfigMismatchError(
             f"cannot resume in {self.run_dir}: it was started with a different configuration "
             f"(differs in: {fields}); use another output directory or delete this one")
     else:
@@ -142,6 +145,7 @@ class ChunkStore:
 
   def save(self, index: int, tree: Any) -> None:
     """Atomically writes one chunk: a pytree of arrays (params or predictions)."""
+    import jax  # pylint: disable=g-import-not-at-top  (keeps this module light to import)
     path = self._path(index)
     leaves = jax.tree_util.tree_leaves(tree)
     arrays = {f"leaf_{i:05d}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
@@ -160,6 +164,7 @@ class ChunkStore:
       ValueError: the file holds a different number of leaves or shapes than
         ``like`` (a corrupted or foreign chunk).
     """
+    import jax  # pylint: disable=g-import-not-at-top
     treedef = jax.tree_util.tree_structure(like)
     like_leaves = jax.tree_util.tree_leaves(like)
     path = self._path(index)

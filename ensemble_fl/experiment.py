@@ -34,6 +34,8 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from ensemble_fl.checkpoint import ConfigMismatchError
+
 DATASETS = ("mnist", "har")
 MODES = ("auto", "exact", "monte_carlo", "partition")
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum")
@@ -322,20 +324,15 @@ def train_models(cfg: ExperimentConfig, model: Model, clients, plan, progress=No
     ResumeError: ``checkpoint_dir`` holds chunks of a different configuration.
   """
   from ensemble_fl import ensemble  # pylint: disable=g-import-not-at-top
-  try:
-    return ensemble.train_ensemble(
-        model.init_fn, model.apply_fn, clients, plan, fedavg_config(cfg),
-        chunk_size=cfg.chunk_size, progress=progress, checkpoint_dir=checkpoint_dir,
-        fingerprint_extra=None if checkpoint_dir is None else {"model": model.description})
-  except ValueError as e:
-    # ChunkStore's refusal to mix two configurations is a user error, not a bug.
-    if checkpoint_dir is not None and str(e).startswith("cannot resume"):
-      raise ResumeError(str(e)) from e
-    raise
+  return ensemble.train_ensemble(
+      model.init_fn, model.apply_fn, clients, plan, fedavg_config(cfg),
+      chunk_size=cfg.chunk_size, progress=progress, checkpoint_dir=checkpoint_dir,
+      fingerprint_extra=None if checkpoint_dir is None else {"model": model.description})
 
 
-class ResumeError(ValueError):
-  """A checkpoint folder was written by a run with a different configuration."""
+# A checkpoint folder written by a run with a different configuration: a user
+# error (one line at the CLI), not a bug.
+ResumeError = ConfigMismatchError
 
 
 def predict_labels(cfg: ExperimentConfig, model: Model, stacked_params, x_test) -> np.ndarray:

@@ -278,6 +278,7 @@ def test_monte_carlo_matches_reference(num_models, n, k, alpha, d, seed,
   preds = predictions_from_probs(rng, probs, num_models)
   c = cert.certify(preds, num_classes=num_classes, n=n, k=k, alpha=alpha,
                    selection_correction=correction)
+  assert c.selection_correction is correction
   # Per-input level: alpha / d (the paper), halved by the selection correction.
   per_input = alpha / d / (2 if correction else 1)
   assert c.mode == "monte_carlo" and c.num_models == num_models

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from ensemble_fl.checkpoint import ChunkStore, array_digest
+from ensemble_fl.checkpoint import ChunkStore, ConfigMismatchError, array_digest
 
 
 def _tree(seed, n=3):
@@ -47,7 +47,7 @@ def test_partial_write_is_not_a_chunk(tmp_path):
 @pytest.mark.parametrize("new", [{"a": 2}, {"a": 1, "b": 0}, {"c": {"x": 1}}])
 def test_different_fingerprint_is_refused(tmp_path, new):
   ChunkStore(tmp_path, {"a": 1, "c": {"x": 2}} if "c" in new else {"a": 1})
-  with pytest.raises(ValueError, match="different configuration"):
+  with pytest.raises(ConfigMismatchError, match="different configuration"):
     ChunkStore(tmp_path, new)
 
 
