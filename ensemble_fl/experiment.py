@@ -726,7 +726,54 @@ def make_parser(dataset: str) -> ArgumentParser:
   parser.add_argument("--checkpoint", action="store_true",
                       help="store finished chunks of models in OUT/checkpoint/; rerunning the "
                            "same command with the same --out resumes from them")
+  add_distributed_flags(parser)
   return parser
+
+
+def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+  """Flags of a multi-process run on JAX's own runtime (``jax.distributed``)."""
+  g = parser.add_argument_group(
+      "multi-process (jax.distributed)",
+      "Every process runs the same command; the model axis is sharded over the devices of all "
+      "processes, and process 0 alone writes results.")
+  g.add_argument("--distributed", action="store_true",
+                 help="join a multi-process JAX runtime; without the three flags below JAX "
+                      "detects SLURM, Cloud TPU, Open MPI or Kubernetes (also: "
+                      "ENSEMBLE_FL_DISTRIBUTED=1)")
+  g.add_argument("--coordinator", help="host:port of process 0 (with --distributed)")
+  g.add_argument("--num-processes", dest="num_processes", type=int,
+                 help="number of processes (with --distributed)")
+  g.add_argument("--process-id", dest="process_id", type=int,
+                 help="this process's index in [0, num-processes) (with --distributed)")
+  g.add_argument("--local-devices", dest="local_devices", type=int,
+                 help="CPU only: how many CPU devices this process exposes (default 1); lets "
+                      "one machine test a multi-device or multi-process run")
+
+
+def start_runtime(args: argparse.Namespace) -> bool:
+  """Applies the multi-process flags before any JAX computation.
+
+  Returns:
+    True when this process writes results (always on a single process).
+
+  Raises:
+    ValueError: an explicit flag without ``--distributed``, or bad values.
+  """
+  from ensemble_fl import distributed  # pylint: disable=g-import-not-at-top
+  explicit = {"--coordinator": args.coordinator, "--num-processes": args.num_processes,
+              "--process-id": args.process_id}
+  wanted = args.distributed or distributed.env_flag_distributed()
+  given = [flag for flag, value in explicit.items() if value is not None]
+  _require(wanted or not given, f"{', '.join(given)} need(s) --distributed")
+  _require(args.local_devices is None or args.local_devices >= 1,
+           f"--local-devices must be >= 1, got {args.local_devices}")
+  if wanted:
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                           local_device_count=args.local_devices)
+  elif args.local_devices is not None:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update("jax_num_cpu_devices", args.local_devices)
+  return distributed.is_main_process()
 
 
 @contextlib.contextmanager
@@ -762,19 +809,23 @@ def cli_main(dataset: str, argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(args, dataset)
     validate_config(cfg)
     _require(not args.checkpoint or args.out, "--checkpoint needs --out (the folder to resume in)")
+    main_process = start_runtime(args)
     start = time.perf_counter()
     data = load_data(cfg)
   out_dir = args.out or default_out_dir(dataset)
   try:
     result = run(cfg, data=data, timings={"load_data": time.perf_counter() - start},
                  checkpoint_dir=os.path.join(out_dir, "checkpoint") if args.checkpoint else None,
-                 progress_factory=progress_lib.ProgressBar)
+                 progress_factory=progress_lib.ProgressBar if main_process else None,
+                 log=_stderr_log if main_process else (lambda message: None))
   except ResumeError as e:
     parser.error(" ".join(str(e).split()))
   except KeyboardInterrupt:
     print("\ninterrupted" + (f": finished chunks are in {out_dir}/checkpoint, rerun to resume"
                              if args.checkpoint else ": nothing written"), file=sys.stderr)
     return 130
+  if not main_process:  # every process holds the same results; one writes them
+    return 0
   paths = results.write_outputs(out_dir, result)
   print(results.summary_table(result))
   print(f"outputs: {', '.join(str(p) for p in paths)}")

@@ -115,3 +115,46 @@ def test_device_count_changes_params_only_by_float_rounding(runs):
 def test_initialize_rejects_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
     distributed.initialize(**kwargs)
+
+
+# --- the experiment CLI on two processes ------------------------------------
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _har_cli(out, *extra):
+  from ensemble_fl.data import paths
+  data = paths.default_data_dir()
+  if data is None or not (data / "hapt" / "hapt_raw.npz").is_file():
+    pytest.skip("HAPT file not in the data root")
+  env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  cmd = [sys.executable, os.path.join(_REPO, "experiments", "har.py"), "--global-iters", "1",
+         "--local-iters", "2", "--batch-size", "8", "--lr", "0.05", "--k", "1", "--N", "30",
+         "--test-size", "120", "--no-baseline", "--out", str(out), *extra]
+  return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          cwd=_REPO)
+
+
+def test_cli_on_two_processes_equals_one_process(tmp_path):
+  port = _free_port()
+  multi = [_har_cli(tmp_path / f"multi{pid}", "--distributed", "--coordinator",
+                    f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(pid))
+           for pid in range(2)]
+  single = _har_cli(tmp_path / "single", "--local-devices", "2")
+  for proc in [*multi, single]:
+    _finish(proc)
+  # Process 0 alone writes; process 1 writes nothing.
+  assert (tmp_path / "multi0" / "results.json").exists()
+  assert not (tmp_path / "multi1").exists()
+  a = np.load(tmp_path / "multi0" / "predictions.npz")
+  b = np.load(tmp_path / "single" / "predictions.npz")
+  for name in ("labels", "levels", "model_labels"):
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_cli_rejects_process_flags_without_distributed(tmp_path):
+  proc = _har_cli(tmp_path / "x", "--num-processes", "2")
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 2
+  assert "need(s) --distributed" in err and "Traceback" not in err
