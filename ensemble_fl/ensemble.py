@@ -60,6 +60,13 @@ MODES = ("exact", "monte_carlo", "partition")
 MAX_EXACT_MODELS = 1_000_000
 MAX_CLIENTS = 2**31 - 1
 DEFAULT_CHUNK_SIZE = 64
+# On a CPU the model axis adds no parallelism (one model's k x B examples
+# already occupy every core) and a wider chunk only enlarges the working set.
+# Measured on 2 cores (benchmarks/README.md): HAR MLP, chunk 2 trains as fast
+# as the per-model loop and chunks of 8-32 are 25-40% slower; MNIST CNN,
+# chunk 1 is >= the loop and chunk 8 is 20% slower. So on CPU the default is
+# one model per device.
+DEFAULT_CHUNK_SIZE_CPU = 1
 # predict's default chunk: about this many (model, input) pairs per call, the
 # activation footprint of training 64 MNIST models (64 x 10 clients x 32).
 PREDICT_PAIRS_PER_CALL = 16_384
@@ -241,15 +248,20 @@ def _mesh() -> Mesh:
   return Mesh(np.asarray(jax.devices()), ("models",))
 
 
+def default_chunk_size() -> int:
+  """Models per compiled call when none is given: 64 on accelerators, 1 on CPU."""
+  return DEFAULT_CHUNK_SIZE_CPU if jax.default_backend() == "cpu" else DEFAULT_CHUNK_SIZE
+
+
 def _round_chunk(chunk_size: int | None, num_models: int, num_devices: int) -> int:
   """Models per compiled call.
 
-  At most ``chunk_size`` (default ``DEFAULT_CHUNK_SIZE``), then evened out so
+  At most ``chunk_size`` (default :func:`default_chunk_size`), then evened out so
   the padded last chunk wastes little (435 models at 64: 7 chunks of 63, not
   6 of 64 plus 51 padded to 64), then rounded up to a multiple of the device
   count so the model axis splits evenly over the mesh.
   """
-  c = DEFAULT_CHUNK_SIZE if chunk_size is None else _check_pos_int("chunk_size", chunk_size)
+  c = default_chunk_size() if chunk_size is None else _check_pos_int("chunk_size", chunk_size)
   c = min(c, num_models)
   c = -(-num_models // -(-num_models // c))
   return -(-c // num_devices) * num_devices
@@ -351,7 +363,7 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
     plan: :class:`SubsamplePlan`.
     config: :class:`~ensemble_fl.fedavg.FedAvgConfig`.
     chunk_size: most models trained per compiled call (bounds memory; default
-      ``DEFAULT_CHUNK_SIZE``); evened out over the chunks and rounded up to a
+      :func:`default_chunk_size`); evened out over the chunks and rounded up to a
       multiple of the device count. On one device results are bit-identical
       for every chunk size; across device counts they agree to float rounding.
     progress: called as ``progress(models_done, models_total)`` after each chunk
