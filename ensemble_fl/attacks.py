@@ -69,7 +69,7 @@ KINDS = ("none", "label_flip", "backdoor", "scaled", "replacement")
 CHOICES = ("largest", "random")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # array fields: identity eq/hash
 class Attack:
   """Malicious clients and their behaviour, as arrays (a jax pytree).
 
