@@ -30,6 +30,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import matmul_gflops  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -65,20 +68,6 @@ VARIANTS = {
     "default (nhwc dilated/slices)": dict(),
     "default bf16": dict(dtype=jnp.bfloat16),
 }
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-  """Median GFLOP/s of an ``[n, n] @ [n, n]`` float32 matmul under jit."""
-  a = jnp.ones((n, n), jnp.float32)
-  b = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(jnp.dot)
-  f(a, b).block_until_ready()
-  ts = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a, b).block_until_ready()
-    ts.append(time.perf_counter() - t)
-  return 2 * n**3 / statistics.median(ts) / 1e9
 
 
 def make_step(model: MnistCNN, lr: float = 1e-3):

@@ -41,6 +41,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import matmul_gflops  # noqa: E402
 
 CASES = {
     # name: n, k, default rounds
@@ -82,22 +85,6 @@ def _model(case: str, features: int, dtype_name: str):
     sample = jnp.zeros((1, 28, 28, 1), jnp.float32)
     macs = models.mnist_cnn_macs()
   return model, sample, macs
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-  """Median GFLOP/s of an ``[n, n] @ [n, n]`` float32 matmul under jit."""
-  import statistics
-  import jax
-  import jax.numpy as jnp
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(jnp.dot)
-  f(a, a).block_until_ready()
-  ts = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a, a).block_until_ready()
-    ts.append(time.perf_counter() - t)
-  return 2 * n**3 / statistics.median(ts) / 1e9
 
 
 def worker(spec: dict) -> dict:

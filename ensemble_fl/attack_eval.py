@@ -151,14 +151,9 @@ def validate(cfg: AttackEvalConfig, n: int | None = None) -> None:
            f"--target-label must be an integer >= 0, got {cfg.target_label!r}")
   _require(cfg.full_retrain in FULL_RETRAIN,
            f"--full-retrain must be one of {FULL_RETRAIN}, got {cfg.full_retrain!r}")
-  if cfg.test_size is not None:
-    _require(_is_int(cfg.test_size) and cfg.test_size >= 1,
-             f"--test-size must be an integer >= 1, got {cfg.test_size!r}")
-  if cfg.chunk_size is not None:
-    _require(_is_int(cfg.chunk_size) and cfg.chunk_size >= 1,
-             f"--chunk-size must be an integer >= 1, got {cfg.chunk_size!r}")
-  if cfg.data_dir is not None and not os.path.isdir(cfg.data_dir):
-    raise FileNotFoundError(f"--data-dir {cfg.data_dir!r}: no such directory")
+  from ensemble_fl import experiment  # pylint: disable=g-import-not-at-top
+  experiment.check_run_options(chunk_size=cfg.chunk_size, test_size=cfg.test_size,
+                               data_dir=cfg.data_dir)
 
 
 def load_data(cfg: AttackEvalConfig):

@@ -155,14 +155,7 @@ def validate_config(cfg: ExperimentConfig) -> None:
   _require(0.0 < cfg.alpha < 1.0, f"--alpha must be in (0, 1), got {cfg.alpha!r}")
   _require(0.0 <= cfg.q <= 1.0, f"--q must be in [0, 1], got {cfg.q!r}")
   _require(math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr must be > 0, got {cfg.lr!r}")
-  if cfg.chunk_size is not None:
-    _require(_is_int(cfg.chunk_size) and cfg.chunk_size >= 1,
-             f"--chunk-size must be an integer >= 1, got {cfg.chunk_size!r}")
-  if cfg.test_size is not None:
-    _require(_is_int(cfg.test_size) and cfg.test_size >= 1,
-             f"--test-size must be an integer >= 1, got {cfg.test_size!r}")
-  if cfg.data_dir is not None and not os.path.isdir(cfg.data_dir):
-    raise FileNotFoundError(f"--data-dir {cfg.data_dir!r}: no such directory")
+  check_run_options(chunk_size=cfg.chunk_size, test_size=cfg.test_size, data_dir=cfg.data_dir)
   mode, num_models = resolve_ensemble(cfg.mode, n=cfg.n_clients, k=cfg.k,
                                       num_models=cfg.num_models)
   fed = fedavg_config(cfg)  # the trainer's own checks
@@ -170,6 +163,24 @@ def validate_config(cfg: ExperimentConfig) -> None:
   _require(per_model >= fed.min_clients(),
            f"--aggregator {cfg.aggregator} needs at least {fed.min_clients()} clients per "
            f"model, but each model sees {per_model}")
+
+
+def check_run_options(*, chunk_size: int | None, test_size: int | None,
+                      data_dir: str | None) -> None:
+  """Checks the options every CLI shares (``--chunk-size --test-size --data-dir``).
+
+  Raises:
+    ValueError: a non-positive chunk or test size.
+    FileNotFoundError: ``data_dir`` is given but is no directory.
+  """
+  if chunk_size is not None:
+    _require(_is_int(chunk_size) and chunk_size >= 1,
+             f"--chunk-size must be an integer >= 1, got {chunk_size!r}")
+  if test_size is not None:
+    _require(_is_int(test_size) and test_size >= 1,
+             f"--test-size must be an integer >= 1, got {test_size!r}")
+  if data_dir is not None and not os.path.isdir(data_dir):
+    raise FileNotFoundError(f"--data-dir {data_dir!r}: no such directory")
 
 
 def resolve_ensemble(mode: str, *, n: int, k: int, num_models: int) -> tuple[str, int]:
