@@ -102,7 +102,7 @@ _PAPER = {
 # MNIST baseline by default: one round of single FedAvg on all n = 1000
 # clients costs as much as one round of n / k = 100 ensemble models.
 _CPU_OVERRIDES = {
-    "mnist": dict(num_models=40, global_iters=15, lr=0.1, batch_size=8, test_size=1000),
+    "mnist": dict(num_models=80, global_iters=15, lr=0.1, batch_size=8, test_size=1000),
     "har": dict(global_iters=10, lr=0.05, baseline=True),
 }
 
