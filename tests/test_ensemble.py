@@ -224,6 +224,25 @@ def test_chunk_rounding(chunk_size, num_models, devices, want):
   assert -(-num_models // got) * got - num_models < got  # under one chunk of padding
 
 
+@pytest.mark.parametrize("sequential", [True, False])
+@pytest.mark.parametrize("chunk_size", [2, 7])
+def test_both_chunk_programs_equal_the_sequential_reference(monkeypatch, clients, mc_plan,
+                                                           sequential, chunk_size):
+  # CPU runs use the per-device lax.map program; accelerators the vmap one.
+  # Both must train the same models; forcing each here keeps the vmap path
+  # tested on CPU-only CI.
+  monkeypatch.setattr(ensemble, "models_in_sequence", lambda: sequential)
+  params = ensemble.train_ensemble(init_fn, apply_fn, clients, mc_plan, CONFIG,
+                                   chunk_size=chunk_size)
+  assert_trees_close(params, sequential_reference(clients, mc_plan))
+
+
+@pytest.mark.parametrize("backend,want", [("cpu", True), ("gpu", False), ("tpu", False)])
+def test_models_run_in_sequence_only_on_cpu(monkeypatch, backend, want):
+  monkeypatch.setattr(ensemble.jax, "default_backend", lambda: backend)
+  assert ensemble.models_in_sequence() is want
+
+
 @pytest.mark.parametrize("backend,want", [("cpu", 1), ("gpu", 64), ("tpu", 64)])
 def test_default_chunk_size_depends_on_the_platform(monkeypatch, backend, want):
   monkeypatch.setattr(ensemble.jax, "default_backend", lambda: backend)
