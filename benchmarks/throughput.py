@@ -140,20 +140,24 @@ def worker(spec: dict) -> dict:
   flops = 3 * 2 * macs * examples
   dev = jax.devices()[0]
   peak = None
-  if dev.platform != "cpu":
-    stats = dev.memory_stats() or {}
-    peak = stats.get("peak_bytes_in_use")
+  if dev.platform != "cpu":  # the largest peak over the devices used
+    peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.devices())
   else:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux: KiB
   return dict(spec, examples=examples, run_s=run, compile_s=comp, wall_s=wall,
               ex_per_s=examples / run, gflops=flops / run / 1e9, peak_bytes=peak,
-              device=str(dev), platform=dev.platform)
+              device=str(dev), platform=dev.platform, num_devices=len(jax.devices()))
 
 
-def _run_sub(spec: dict, platform: str | None) -> dict:
+def _run_sub(spec: dict, platform: str | None, devices: int | None = None) -> dict:
   env = dict(os.environ)
   if platform:
     env["JAX_PLATFORMS"] = platform
+  if devices is not None:
+    # CPU: split the host into that many XLA devices; GPU: expose the first N.
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        f" --xla_force_host_platform_device_count={devices}").strip()
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(devices))
   out = subprocess.run([sys.executable, __file__, "--_worker", json.dumps(spec)],
                        capture_output=True, text=True, env=env, cwd=str(ROOT))
   if out.returncode != 0:
@@ -172,6 +176,8 @@ def main(argv=None):
   ap.add_argument("--features", type=int, default=561, help="HAR features (561 or 768)")
   ap.add_argument("--platform", default=None, help="JAX_PLATFORMS for the workers (cpu, cuda)")
   ap.add_argument("--chunk-size", type=int, default=None, help="train_ensemble chunk_size")
+  ap.add_argument("--devices", type=int, default=None,
+                  help="devices per worker: the first N GPUs, or N CPU devices (default: all / 1)")
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                   help="model computation dtype (params stay float32)")
   ap.add_argument("--loop-max", type=int, default=32,
@@ -192,7 +198,7 @@ def main(argv=None):
     os.environ["JAX_PLATFORMS"] = args.platform
   import jax
   print(f"jax {jax.__version__}, devices {jax.devices()}, dtype {args.dtype}, "
-        f"chunk_size {args.chunk_size}")
+        f"chunk_size {args.chunk_size}, worker devices {args.devices or 'default'}")
   mm0 = matmul_gflops()
   print(f"dense f32 matmul 2048^3: {mm0:.1f} GFLOP/s", flush=True)
   header = (f"{'case':6s} {'N':>4s} {'method':10s} {'ex-grad/s':>10s} {'GFLOP/s':>8s} "
@@ -209,12 +215,12 @@ def main(argv=None):
         spec = dict(case=case, models=num_models, method=method, rounds=rounds,
                     local_iters=args.local_iters, batch=args.batch, features=args.features,
                     chunk_size=args.chunk_size, dtype=args.dtype)
-        r = _run_sub(spec, args.platform)
+        r = _run_sub(spec, args.platform, args.devices)
         rows.append(r)
         peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f}"
         print(f"{case:6s} {num_models:4d} {method:10s} {r['ex_per_s']:10.0f} "
-              f"{r['gflops']:8.2f} {r['run_s']:7.2f} {r['compile_s']:9.2f} {peak:>9s}",
-              flush=True)
+              f"{r['gflops']:8.2f} {r['run_s']:7.2f} {r['compile_s']:9.2f} {peak:>9s}"
+              f"  ({r['num_devices']} dev)", flush=True)
   mm1 = matmul_gflops()
   print(f"dense f32 matmul 2048^3 at the end: {mm1:.1f} GFLOP/s")
   return rows
