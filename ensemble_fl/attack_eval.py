@@ -37,6 +37,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+# The flag checks the experiment CLIs use (light: numpy only at import).
+from ensemble_fl.experiment import _is_int, _require
+
 ATTACK_NAMES = ("label_flip", "label_perm", "backdoor", "scaled", "replacement")
 DEFAULT_ATTACKS = ("label_flip", "backdoor", "scaled", "replacement")
 FULL_RETRAIN = ("first", "all", "none")
@@ -109,14 +112,6 @@ def preset(dataset: str, name: str = "cpu") -> AttackEvalConfig:
   cfg = _PAPER[dataset]
   return dataclasses.replace(cfg, **_CPU[dataset]) if name == "cpu" else cfg
 
-
-def _is_int(v: Any) -> bool:
-  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _require(ok: bool, message: str) -> None:
-  if not ok:
-    raise ValueError(message)
 
 
 def validate(cfg: AttackEvalConfig, n: int | None = None) -> None:
