@@ -214,11 +214,11 @@ def test_chunk_size_does_not_change_results(clients, mc_plan, mc_params, chunk_s
 
 
 @pytest.mark.parametrize("chunk_size,num_models,devices,want", [
-    (None, 435, 1, 1), (64, 435, 1, 63), (64, 500, 1, 63), (3, 7, 1, 3), (3, 7, 2, 4), (100, 7, 1, 7),
+    (None, 435, 1, 8), (64, 435, 1, 63), (64, 500, 1, 63), (3, 7, 1, 3), (3, 7, 2, 4), (100, 7, 1, 7),
     (1, 7, 1, 1), (None, 1, 2, 2), (64, 500, 3, 63),
 ])
 def test_chunk_rounding(chunk_size, num_models, devices, want):
-  # The tests run on CPU, where the default chunk is one model per device.
+  # The tests run on CPU, where the default chunk is 8 models.
   got = ensemble._round_chunk(chunk_size, num_models, devices)
   assert got == want and got % devices == 0
   assert -(-num_models // got) * got - num_models < got  # under one chunk of padding
@@ -243,11 +243,11 @@ def test_models_run_in_sequence_only_on_cpu(monkeypatch, backend, want):
   assert ensemble.models_in_sequence() is want
 
 
-@pytest.mark.parametrize("backend,want", [("cpu", 1), ("gpu", 64), ("tpu", 64)])
+@pytest.mark.parametrize("backend,want", [("cpu", 8), ("gpu", 64), ("tpu", 64)])
 def test_default_chunk_size_depends_on_the_platform(monkeypatch, backend, want):
   monkeypatch.setattr(ensemble.jax, "default_backend", lambda: backend)
   assert ensemble.default_chunk_size() == want
-  assert ensemble._round_chunk(None, 435, 1) == (63 if want == 64 else 1)
+  assert ensemble._round_chunk(None, 435, 1) == (63 if want == 64 else 8)
 
 
 def test_exact_mode_model_ignores_data_outside_its_subset():
