@@ -22,8 +22,6 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-_initialized = False
-
 
 def initialize(
     coordinator_address: str | None = None,
@@ -46,7 +44,6 @@ def initialize(
     ValueError: only some of the explicit arguments are given, or
       ``num_processes``/``process_id`` are out of range.
   """
-  global _initialized
   for name, value in (("num_processes", num_processes), ("process_id", process_id),
                       ("local_device_count", local_device_count)):
     if value is not None and (isinstance(value, (bool, np.bool_))
@@ -76,7 +73,6 @@ def initialize(
       num_processes=num_processes,
       process_id=process_id,
   )
-  _initialized = True
 
 
 def is_multiprocess() -> bool:

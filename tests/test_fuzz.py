@@ -1350,7 +1350,6 @@ def test_initialize_anything_goes(address, num, pid, ldc):
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
     mp.setattr(jax.config, "update", lambda *a: None)
-    mp.setattr(distributed, "_initialized", False)
     try:
       distributed.initialize(address, num, pid, local_device_count=ldc)
     except BAD:
