@@ -453,12 +453,6 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
   chunk = _round_chunk(chunk_size, total, num_devices)
   sequential = models_in_sequence()
 
-  # Placed once for the whole run, replicated: every model of every chunk reads it.
-  x = to_global(np.asarray(clients.x, np.float32), replicated)
-  y = to_global(np.asarray(clients.y, np.int32), replicated)
-  sizes = to_global(np.asarray(clients.sizes, np.int32), replicated)
-  if attack is not None:
-    attack = jax.tree_util.tree_map(lambda a: to_global(np.asarray(a), replicated), attack)
   subsets_all = np.asarray(plan.subsets, np.int32)
   keys_all = np.asarray(plan.keys, np.uint32)
 
@@ -475,7 +469,7 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
   done = 0
   store = None
   if checkpoint_dir is not None:
-    template = jax.eval_shape(init_fn, jax.ShapeDtypeStruct((2,), jnp.uint32))
+    template = params  # one model's parameter shapes, traced above
     store = ChunkStore(checkpoint_dir, _fingerprint(
         config, plan, clients, template, chunk, num_devices, fingerprint_extra))
     for i, start in enumerate(starts):
@@ -488,6 +482,14 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
     if done and progress is not None:
       progress(done, total)
   todo = [i for i, r in enumerate(results) if r is None]
+  if todo:
+    # Placed once for the run, replicated: every model of every chunk reads
+    # them. Skipped when every chunk came from the checkpoint.
+    x = to_global(np.asarray(clients.x, np.float32), replicated)
+    y = to_global(np.asarray(clients.y, np.int32), replicated)
+    sizes = to_global(np.asarray(clients.sizes, np.int32), replicated)
+    if attack is not None:
+      attack = jax.tree_util.tree_map(lambda a: to_global(np.asarray(a), replicated), attack)
 
   pending = launch(starts[todo[0]]) if todo else None
   for j, i in enumerate(todo):
