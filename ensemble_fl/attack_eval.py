@@ -64,7 +64,8 @@ class AttackEvalConfig:
     test_size: first ``test_size`` test inputs only (None = all).
     choice: "largest" | "random" (see ``attacks.choose_malicious``).
     scale: factor of the "scaled" attack.
-    boost: factor of the "replacement" attack (None = n).
+    boost: fixed factor of the "replacement" attack (None = per subset, the
+      exact model-replacement ratio; see ``attacks.Attack.subset_boost``).
     target_label: label_flip / backdoor / replacement target.
     fraction: backdoor: share of a malicious client's rows stamped.
     full_retrain: "first" | "all" | "none": which pairs retrain all models.
@@ -318,7 +319,7 @@ def run(cfg: AttackEvalConfig, data=None, *, log: Callable[[str], None] = print,
       hit = np.flatnonzero(affected[rows])
       if hit.size:
         preds[rows[hit]] = timed("predict", lambda: np.asarray(
-            ensemble.predict(apply_fn, _rows(params, hit), x_test)))
+            ensemble.predict(apply_fn, _rows(params, hit), x_test, nonfinite="ignore")))
       # Unaffected models keep their clean votes (bit-identical, checked above).
       cert_att = certify.certify(preds, num_classes=num_classes, n=n, k=cfg.k, mode="exact")
       att_labels = np.asarray(cert_att.labels)
@@ -327,7 +328,7 @@ def run(cfg: AttackEvalConfig, data=None, *, log: Callable[[str], None] = print,
       violations = int(np.sum(changed & covered))
       single_params = timed("train_single", train, single_plan, atk)
       single_att = timed("predict", lambda: np.asarray(ensemble.predict(
-          apply_fn, single_params, x_test))[0])
+          apply_fn, single_params, x_test, nonfinite="ignore"))[0])
       row = {
           "attack": name, "kind": kind, "m": int(m), "malicious_ids": ids.tolist(),
           "models_affected": int(affected.sum()), "models_retrained": int(rows.size),
@@ -341,6 +342,10 @@ def run(cfg: AttackEvalConfig, data=None, *, log: Callable[[str], None] = print,
           "ensemble_attacked_accuracy": float(np.mean(att_labels == y_test)),
           "ca_at_m": float(certify.certified_accuracy(cert, y_test, [m])[0]),
           "single_attacked_accuracy": float(np.mean(single_att == y_test)),
+          # Attacks may blow models up; a NaN model votes argmax(NaN) = class 0.
+          "nonfinite_models": int(ensemble.nonfinite_models(_rows(params, hit)).size)
+                              if hit.size else 0,
+          "single_nonfinite": bool(ensemble.nonfinite_models(single_params).size),
           "ensemble_clean_accuracy": clean_acc,
           "single_clean_accuracy": single_clean_acc,
           "seconds": time.perf_counter() - t0,
@@ -368,7 +373,9 @@ def run(cfg: AttackEvalConfig, data=None, *, log: Callable[[str], None] = print,
           f"checked ({row['bit_mismatches']} bit mismatches); violations "
           f"{violations}/{row['certified_inputs']}; accuracy ensemble "
           f"{row['ensemble_attacked_accuracy']:.4f} (CA@{m} {row['ca_at_m']:.4f}), single "
-          f"{row['single_attacked_accuracy']:.4f}; {row['seconds']:.1f} s")
+          f"{row['single_attacked_accuracy']:.4f}; {row['nonfinite_models']} ensemble models"
+          f"{' and single FedAvg' if row['single_nonfinite'] else ''} non-finite; "
+          f"{row['seconds']:.1f} s")
   timings["total"] = sum(v for k_, v in timings.items() if k_ == "load_data") + \
       time.perf_counter() - start
   from ensemble_fl import results  # pylint: disable=g-import-not-at-top
@@ -403,7 +410,7 @@ CSV_FIELDS = ("attack", "m", "models_affected", "models_retrained", "full_retrai
               "clean_models_checked", "bit_mismatches", "certified_inputs", "violations",
               "violation_fraction", "changed_inputs", "ensemble_attacked_accuracy", "ca_at_m",
               "single_attacked_accuracy", "ensemble_clean_accuracy", "single_clean_accuracy",
-              "seconds", "trigger_inputs", "trigger_certified_inputs", "trigger_violations",
+              "nonfinite_models", "single_nonfinite", "seconds", "trigger_inputs", "trigger_certified_inputs", "trigger_violations",
               "ensemble_backdoor_rate", "ensemble_backdoor_rate_clean", "single_backdoor_rate",
               "single_backdoor_rate_clean", "malicious_ids")
 
@@ -484,14 +491,16 @@ def plot(path: str, result: dict[str, Any]) -> str | None:
 def summary_table(result: dict[str, Any]) -> str:
   """A plain-text table of the rows."""
   head = (f"{'attack':12s} {'m':>3s} {'affected':>8s} {'checked':>7s} {'bits≠':>5s} "
-          f"{'certified':>9s} {'viol.':>5s} {'ens.acc':>7s} {'CA@m':>6s} {'single':>6s}")
+          f"{'certified':>9s} {'viol.':>5s} {'ens.acc':>7s} {'CA@m':>6s} {'single':>6s} "
+          f"{'non-finite':>10s}")
   lines = [head, "-" * len(head)]
   for r in result["rows"]:
     lines.append(
         f"{r['attack']:12s} {r['m']:3d} {r['models_affected']:8d} {r['clean_models_checked']:7d} "
         f"{r['bit_mismatches']:5d} {r['certified_inputs']:9d} {r['violations']:5d} "
         f"{r['ensemble_attacked_accuracy']:7.4f} {r['ca_at_m']:6.4f} "
-        f"{r['single_attacked_accuracy']:6.4f}")
+        f"{r['single_attacked_accuracy']:6.4f} "
+        f"{r['nonfinite_models']:6d}{'+1' if r['single_nonfinite'] else '  ':2s}  ")
   for r in result["rows"]:
     if "trigger_inputs" in r:
       lines.append(
@@ -547,7 +556,8 @@ def make_parser():
   p.add_argument("--choice", choices=("largest", "random"),
                  help="which clients turn malicious (default: largest training sets)")
   p.add_argument("--scale", type=float, help="scaled attack: factor on the update (default -100)")
-  p.add_argument("--boost", type=float, help="replacement attack: boost (default n)")
+  p.add_argument("--boost", type=float, help="replacement attack: a fixed boost (default: per subset, "
+                 "the exact model-replacement ratio)")
   p.add_argument("--target-label", dest="target_label", type=int)
   p.add_argument("--fraction", type=float, help="backdoor: share of rows stamped (default 0.5)")
   p.add_argument("--full-retrain", dest="full_retrain", choices=FULL_RETRAIN,
@@ -622,13 +632,13 @@ def _backdoor_stats(trig, m, target, rows, hit, params, single_params, apply_fn,
   preds = trig["preds"].copy()
   if hit.size:
     preds[rows[hit]] = timed("predict", lambda: np.asarray(
-        ensemble.predict(apply_fn, _rows(params, hit), trig["x"])))
+        ensemble.predict(apply_fn, _rows(params, hit), trig["x"], nonfinite="ignore")))
   cert = certify.certify(preds, num_classes=num_classes, n=n, k=k, mode="exact")
   clean_cert = trig["cert"]
   covered = np.asarray(clean_cert.levels) >= m
   changed = np.asarray(cert.labels) != np.asarray(clean_cert.labels)
   single = timed("predict", lambda: np.asarray(
-      ensemble.predict(apply_fn, single_params, trig["x"]))[0])
+      ensemble.predict(apply_fn, single_params, trig["x"], nonfinite="ignore"))[0])
   return {
       "trigger_inputs": int(trig["x"].shape[0]),
       "trigger_certified_inputs": int(covered.sum()),

@@ -10,15 +10,19 @@ An attack is a set of malicious client ids plus one behaviour:
 - ``"scaled"``: the client trains honestly, then sends ``scale * Delta``
   instead of its update ``Delta``.
 - ``"replacement"``: the client sends ``boost * (target - w)``, which drags
-  the aggregate towards attacker-chosen weights ``target`` (with the mean
-  aggregator and ``boost`` = the subset's total weight over the client's
-  weight, the new global model is ``target`` plus the honest clients' share).
+  the aggregate towards attacker-chosen weights ``target``. By default the
+  boost is computed per subset inside the program: the subset's total weight
+  over its malicious clients' total weight, over ``server_lr`` (model
+  replacement, Bagdasaryan et al. 2020). With the mean aggregator the new
+  global model is then ``target`` plus the honest clients' share of the
+  round, whatever the subset; a fixed ``boost`` overshoots in subsets where
+  it exceeds that ratio.
 - ``"none"``: no client is malicious (the clean run; see below).
 
 One program for every attack. :class:`Attack` is a pytree of arrays only:
 the malicious mask ``bool [n]`` and the parameters of *every* behaviour, set
 to neutral values for the behaviours not in use (identity label map, no
-stamped row, ``scale = 1``, ``boost = 0``). FedAvg applies all of them to
+stamped row, ``scale = 1``, ``boost = 0``, no per-subset boost). FedAvg applies all of them to
 every client with ``jnp.where(malicious[cid], attacked, honest)``; there is
 no Python branch per client or per kind, and the kind is not part of the
 pytree structure. So every attack over the same clients, data shapes and
@@ -89,7 +93,10 @@ class Attack:
     backdoor_label: int32 ``[]``; label of stamped rows.
     scale: float32 ``[]``; a malicious update is ``scale * Delta + boost *
       (target - w)`` (1 unless ``"scaled"``; 0 for ``"replacement"``).
-    boost: float32 ``[]`` (0 unless ``"replacement"``).
+    boost: float32 ``[]`` (0 unless ``"replacement"``); unused when
+      ``replace_exact``.
+    replace_exact: bool ``[]``; True: the boost is the subset's
+      model-replacement ratio (:meth:`subset_boost`), not ``boost``.
     target: params pytree (the model's structure, float leaves): the
       replacement target (zeros unless ``"replacement"``).
     kind_id: int32 ``[]``; index into :data:`KINDS` (bookkeeping only,
@@ -104,6 +111,7 @@ class Attack:
   backdoor_label: Any
   scale: Any
   boost: Any
+  replace_exact: Any
   target: Any
   kind_id: Any
 
@@ -160,21 +168,49 @@ class Attack:
     yb = jnp.where(stamp, jnp.asarray(self.backdoor_label, yb.dtype), yb)
     return xb, yb
 
-  def poison_update(self, delta: PyTree, global_params: PyTree, cid: jax.Array) -> PyTree:
+  def subset_boost(self, client_ids: jax.Array, weights: jax.Array,
+                   server_lr: float) -> jax.Array:
+    """The replacement boost of one subset: ``boost``, or the exact ratio.
+
+    The exact ratio ``sum(weights) / (sum(weights of malicious) * server_lr)``
+    makes the weighted mean of the malicious updates ``boost * (target - w)``
+    move the global model by exactly ``target - w``.
+
+    Args:
+      client_ids: int32 ``[s]`` the subset's client ids (padding may repeat a
+        real id: its weight is 0).
+      weights: float32 ``[s]`` the aggregator's weights (0 for padding).
+      server_lr: the server step size.
+
+    Returns:
+      float32 scalar (0 for a subset without malicious clients, where it is
+      never used).
+    """
+    mal_weight = jnp.sum(jnp.where(jnp.asarray(self.malicious)[client_ids], weights, 0.0))
+    ratio = jnp.sum(weights) / (jnp.where(mal_weight > 0, mal_weight, 1.0) * server_lr)
+    exact = jnp.where(mal_weight > 0, ratio, 0.0)
+    return jnp.where(jnp.asarray(self.replace_exact), exact,
+                     jnp.asarray(self.boost, jnp.float32)).astype(jnp.float32)
+
+  def poison_update(self, delta: PyTree, global_params: PyTree, cid: jax.Array,
+                    boost: jax.Array | None = None) -> PyTree:
     """Update-level behaviour: ``scale * Delta + boost * (target - w)`` if malicious.
 
     Args:
       delta: the client's honest update (params pytree).
       global_params: the round's global params ``w`` (same structure).
       cid: int32 scalar client id.
+      boost: float32 scalar, the subset's boost (:meth:`subset_boost`);
+        None: the field ``boost``.
 
     Returns:
       The update sent to the aggregator; exactly ``delta`` for a clean client.
     """
     mal = jnp.asarray(self.malicious)[cid]
+    boost = self.boost if boost is None else boost
 
     def one(d, w, t):
-      bad = jnp.asarray(self.scale, d.dtype) * d + jnp.asarray(self.boost, d.dtype) * (
+      bad = jnp.asarray(self.scale, d.dtype) * d + jnp.asarray(boost, d.dtype) * (
           t.astype(d.dtype) - w)
       return jnp.where(mal, bad, d)
 
@@ -305,8 +341,9 @@ def make_attack(
       default :func:`default_trigger`.
     scale: ``"scaled"``: the factor applied to Delta (any finite number;
       negative reverses the update).
-    boost: ``"replacement"``: the factor on ``target - w``; default ``n``
-      (replaces even a model trained on all n equal-weight clients).
+    boost: ``"replacement"``: a fixed factor on ``target - w``; default
+      None: per subset, the model-replacement ratio of
+      :meth:`Attack.subset_boost` (exact for the mean aggregator).
     target_params: ``"replacement"``: the attacker's weights (same structure
       and shapes as ``params_template``); default
       :func:`constant_label_params` for ``target_label``.
@@ -334,7 +371,8 @@ def make_attack(
     raise ValueError(f"malicious_ids must be empty for kind 'none', got {ids.tolist()}")
   target_label = _check_label("target_label", target_label, num_classes)
   scale = _check_real("scale", scale)
-  boost = float(n) if boost is None else _check_real("boost", boost)
+  replace_exact = boost is None
+  boost = 0.0 if boost is None else _check_real("boost", boost)
   fraction = _check_real("fraction", fraction)
   if not 0.0 < fraction <= 1.0:
     raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
@@ -399,6 +437,7 @@ def make_attack(
       backdoor_label=np.int32(target_label),
       scale=np.float32(upd_scale),
       boost=np.float32(upd_boost),
+      replace_exact=np.bool_(kind == "replacement" and replace_exact),
       target=target,
       kind_id=np.int32(KINDS.index(kind)))
 

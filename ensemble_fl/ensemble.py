@@ -42,6 +42,7 @@ import functools
 import itertools
 import math
 import os
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -512,17 +513,28 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
 # Prediction
 
 
+NONFINITE_POLICIES = ("warn", "raise", "ignore")
+
+
 def _predict_chunk_impl(apply_fn, params, xb):
   logits = jax.vmap(apply_fn, in_axes=(0, None))(params, xb)
-  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  labels = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return labels, jnp.all(jnp.isfinite(logits), axis=-1)
 
 
 _predict_chunk = jax.jit(_predict_chunk_impl, static_argnums=(0,))
 
 
 def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray, *,
-            chunk_size: int | None = None, batch_size: int = 1024) -> np.ndarray:
+            chunk_size: int | None = None, batch_size: int = 1024,
+            nonfinite: str = "warn") -> np.ndarray:
   """Every model's predicted label for every input.
+
+  A model whose logits hold NaN or inf (training diverged, or an attack
+  blew it up) still votes: ``argmax`` then picks the first NaN class, or the
+  first of tied infinities, a deterministic label that the certificate covers
+  like any other vote. It is rarely what a user meant, so by default such
+  models are named in a ``RuntimeWarning``.
 
   Args:
     apply_fn: ``apply_fn(params, x [B, ...]) -> logits [B, C]``.
@@ -532,13 +544,20 @@ def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray,
       default ``max(1, PREDICT_PAIRS_PER_CALL // min(batch_size, d))`` so memory
       stays bounded whatever the batch size.
     batch_size: inputs per compiled call.
+    nonfinite: models with non-finite logits on some input: ``"warn"``
+      (a ``RuntimeWarning`` naming them), ``"raise"`` (``ValueError``) or
+      ``"ignore"``. :func:`nonfinite_models` finds them from the params.
 
   Returns:
     int32 ``[N, d]``: argmax label of model i on input t.
 
   Raises:
-    ValueError: no models, inconsistent model axis, empty or non-finite x.
+    ValueError: no models, inconsistent model axis, empty or non-finite x,
+      unknown ``nonfinite``, or ``nonfinite="raise"`` and a model's logits
+      are not finite.
   """
+  if nonfinite not in NONFINITE_POLICIES:
+    raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
   leaves = jax.tree_util.tree_leaves(stacked_params)
   if not leaves:
     raise ValueError("stacked_params is empty")
@@ -583,12 +602,38 @@ def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray,
   x_dev = [to_global(x_pad[b * bs:(b + 1) * bs], replicated) for b in range(num_batches)]
 
   out = np.empty((total, d), np.int32)
+  finite = np.empty((total, d), bool)
   for start in range(0, total, chunk):
     stop = min(start + chunk, total)
     params = jax.tree_util.tree_map(
         lambda l: to_global(_pad_rows(np.asarray(l[start:stop]), chunk), model_sharding),
         stacked_params)
-    labels = [_predict_chunk(apply_fn, params, xb) for xb in x_dev]
-    labels = np.concatenate([to_host(l) for l in labels], axis=1)
+    results = [_predict_chunk(apply_fn, params, xb) for xb in x_dev]
+    labels = np.concatenate([to_host(l) for l, _ in results], axis=1)
+    ok = np.concatenate([to_host(f) for _, f in results], axis=1)
     out[start:stop] = labels[: stop - start, :d]
+    finite[start:stop] = ok[: stop - start, :d]
+  bad = np.flatnonzero(~finite.all(axis=1))
+  if bad.size and nonfinite != "ignore":
+    shown = ", ".join(map(str, bad[:10].tolist())) + (", ..." if bad.size > 10 else "")
+    msg = (f"{bad.size} of {total} models give NaN or inf logits on some inputs "
+           f"(models {shown}); they vote argmax of those logits")
+    if nonfinite == "raise":
+      raise ValueError(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=2)
   return out
+
+
+def nonfinite_models(stacked_params: PyTree) -> np.ndarray:
+  """int64 ``[K]``: the models (rows of the model axis) with a NaN or inf parameter.
+
+  Args:
+    stacked_params: params pytree, every leaf float with leading model axis N.
+  """
+  leaves = [np.asarray(l) for l in jax.tree_util.tree_leaves(stacked_params)]
+  if not leaves:
+    return np.zeros(0, np.int64)
+  bad = np.zeros(np.shape(leaves[0])[0], bool)
+  for leaf in leaves:
+    bad |= ~np.isfinite(leaf.reshape(leaf.shape[0], -1)).all(axis=1)
+  return np.flatnonzero(bad)

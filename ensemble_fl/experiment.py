@@ -405,6 +405,9 @@ class ExperimentResult:
     baseline_labels, baseline_ca: the single FedAvg model's labels ``[d]`` and
       CA@m over ``m_values`` (None when not run).
     timings: seconds per phase.
+    nonfinite_models: the rows of ``predictions`` (models) that ended
+      training with a NaN or inf parameter, ascending (they still vote; see
+      ``ensemble.predict``).
   """
 
   config: ExperimentConfig
@@ -422,6 +425,7 @@ class ExperimentResult:
   baseline_labels: np.ndarray | None
   baseline_ca: np.ndarray | None
   timings: dict[str, float]
+  nonfinite_models: tuple[int, ...] = ()
 
   @property
   def accuracy(self) -> float:
@@ -507,6 +511,11 @@ def run(
     params = train_models(cfg, model, data.clients, plan,
                           progress(f"ensemble ({num_models} models)"),
                           checkpoint_dir=_subdir(checkpoint_dir, "ensemble"))
+  from ensemble_fl import ensemble  # pylint: disable=g-import-not-at-top
+  nonfinite = ensemble.nonfinite_models(params)
+  if nonfinite.size:
+    log(f"warning: {nonfinite.size} of {num_models} models ended training with NaN or inf "
+        "parameters (diverged: a smaller --lr may help); they still vote")
   with _timed(timings, "predict", log):
     predictions = predict_labels(cfg, model, params, data.x_test)
   del params
@@ -531,7 +540,7 @@ def run(
       data_source=data.source, predictions=predictions, y_true=data.y_test,
       certificate=certificate, alpha=cfg.alpha if mode == "monte_carlo" else None,
       m_values=m_values, ca=ca, baseline_labels=baseline_labels, baseline_ca=baseline_ca,
-      timings=timings)
+      timings=timings, nonfinite_models=tuple(nonfinite.tolist()))
 
 
 def recertify(result: ExperimentResult, *, alpha: float | None = None,
@@ -556,6 +565,8 @@ def recertify(result: ExperimentResult, *, alpha: float | None = None,
              f"got {num_models} ({result.mode} mode)")
     cfg = dataclasses.replace(cfg, num_models=num_models)
     predictions = predictions[:num_models]
+    result = dataclasses.replace(
+        result, nonfinite_models=tuple(i for i in result.nonfinite_models if i < num_models))
   start = time.perf_counter()
   certificate = certify_predictions(cfg, predictions, num_classes=result.num_classes,
                                     mode=result.mode, n=result.n)

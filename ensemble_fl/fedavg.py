@@ -234,6 +234,10 @@ def fedavg(apply_fn: ApplyFn, params: PyTree, clients: ClientData, subset: jax.A
 
   grad_fn = jax.grad(lambda p, xb, yb: cross_entropy_loss(apply_fn, p, xb, yb))
 
+  # Per subset, not per client: the replacement attack's boost depends on the
+  # weights of all the subset's malicious clients.
+  boost = None if attack is None else attack.subset_boost(ids, weights, config.server_lr)
+
   def local_update(global_params, cid, batch_idx):
     """Runs local SGD for one client; returns its update Delta_i."""
 
@@ -248,7 +252,7 @@ def fedavg(apply_fn: ApplyFn, params: PyTree, clients: ClientData, subset: jax.A
     local, _ = jax.lax.scan(sgd_step, global_params, batch_idx)
     delta = jax.tree_util.tree_map(jnp.subtract, local, global_params)
     if attack is not None:
-      delta = attack.poison_update(delta, global_params, cid)
+      delta = attack.poison_update(delta, global_params, cid, boost)
     return delta
 
   def server_round(global_params, t):

@@ -106,6 +106,7 @@ def result_to_dict(result: experiment.ExperimentResult,
       "accuracy": result.accuracy,
       "abstain_rate": float(np.mean(np.asarray(result.certificate.labels) < 0)),
       "max_certified_level": result.max_level,
+      "nonfinite_models": list(result.nonfinite_models),
       "baseline_accuracy": result.baseline_accuracy,
       "certified_accuracy": {
           "m": [int(m) for m in result.m_values],
@@ -212,6 +213,9 @@ def summary_table(result: experiment.ExperimentResult) -> str:
   lines.append(f"accuracy: ensemble {result.accuracy:.4f}"
                + (f", single FedAvg {result.baseline_accuracy:.4f}" if has_base else "")
                + f"; largest certified level {result.max_level}")
+  if result.nonfinite_models:
+    lines.append(f"warning: {len(result.nonfinite_models)} of {result.num_models} models have NaN "
+                 "or inf parameters")
   order = ("load_data", "train", "predict", "certify", "baseline_train", "baseline_predict",
            "total")
   times = [f"{k} {_seconds(result.timings[k])}" for k in order if k in result.timings]

@@ -202,6 +202,39 @@ def test_replacement_moves_the_global_model_onto_the_target():
   assert not np.all(np.argmax(apply_fn(run_fedavg(subset, attack("none", [])), x), -1) == 2)
 
 
+@pytest.mark.parametrize("subset,malicious,server_lr", [
+    ([4], [4], 1.0),
+    ([0, 2, 4, 5], [4], 1.0),
+    ([0, 2, 4, 5], [2, 4], 1.0),
+    ([0, 1, 3, 4, 5], [1, 3, 5], 0.5),
+    ([0, 2, 4, -1], [0], 2.0),  # a padded slot has weight 0
+])
+def test_default_replacement_lands_on_target_plus_the_honest_share(subset, malicious, server_lr):
+  # The reference is the aggregation written out in NumPy: one round, the
+  # honest clients' updates computed with an all-False attack.
+  config = dataclasses.replace(CONFIG, global_iters=1, server_lr=server_lr)
+  target = attacks.constant_label_params(TEMPLATE, 1, NUM_CLASSES)
+  got = run_fedavg(subset, attack("replacement", malicious, target_label=1), config)
+  real = [c for c in subset if c >= 0]
+  w = CLIENTS.sizes[real].astype(np.float64)
+  honest = [c for c in real if c not in malicious]
+  honest_deltas = []
+  for c in honest:  # a client alone in its subset, server_lr 1: its own update
+    alone = run_fedavg([c], attack("none", []), dataclasses.replace(config, server_lr=1.0))
+    honest_deltas.append([a - b for a, b in zip(leaves(alone), leaves(TEMPLATE))])
+  for i, (g, t, w0) in enumerate(zip(leaves(got), leaves(target), leaves(TEMPLATE))):
+    share = sum(CLIENTS.sizes[c] * d[i] for c, d in zip(honest, honest_deltas)) / w.sum()
+    np.testing.assert_allclose(g, t + server_lr * share, rtol=1e-5, atol=1e-5)
+
+
+def test_a_fixed_boost_overrides_the_exact_ratio():
+  one_round = dataclasses.replace(CONFIG, global_iters=1)
+  target = attacks.constant_label_params(TEMPLATE, 2, NUM_CLASSES)
+  got = run_fedavg([0, 4], attack("replacement", [0, 4], target_label=2, boost=0.5), one_round)
+  for g, t, w0 in zip(leaves(got), leaves(target), leaves(TEMPLATE)):
+    np.testing.assert_allclose(g, w0 + 0.5 * (t - w0), rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------- bit identity
 
 
@@ -292,6 +325,22 @@ def test_the_certificate_holds_on_a_tiny_exact_run():
   # The strong update attacks do hurt single FedAvg.
   single = {r["attack"]: r["single_attacked_accuracy"] for r in result["rows"]}
   assert single["scaled"] < result["clean"]["single_accuracy"]
+
+
+def test_models_blown_up_by_an_attack_are_counted():
+  data = separable_data()
+  cfg = attack_eval.AttackEvalConfig(
+      dataset="har", k=2, m_values=(1,), attacks=("scaled", "label_flip"), scale=-1e30,
+      global_iters=2, local_iters=2, lr=0.05, batch_size=8, n_clients=8, chunk_size=7,
+      full_retrain="none")
+  result = attack_eval.run(cfg, data, log=lambda s: None)
+  rows = {r["attack"]: r for r in result["rows"]}
+  assert rows["scaled"]["nonfinite_models"] == rows["scaled"]["models_affected"] == 7
+  assert rows["scaled"]["single_nonfinite"]
+  assert rows["label_flip"]["nonfinite_models"] == 0 and not rows["label_flip"]["single_nonfinite"]
+  scaled_line = next(l for l in attack_eval.summary_table(result).splitlines()
+                     if l.startswith("scaled"))
+  assert scaled_line.split()[-1] == "7+1"
 
 
 def test_retrain_rows_pads_to_whole_chunks_with_untouched_models():

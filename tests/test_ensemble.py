@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import flax.linen as nn
 import jax
@@ -331,6 +332,52 @@ def test_predict_rejects_bad_input(mc_params):
   ragged = {"a": np.zeros((3, 2)), "b": np.zeros((2, 2))}
   with pytest.raises(ValueError, match="leading model axis"):
     ensemble.predict(apply_fn, ragged, np.zeros((1, NUM_FEATURES)))
+
+
+
+def _poison_rows(params, rows_by_leaf):
+  """A copy of stacked params with NaN/inf written into the given (leaf, row) cells."""
+  flat, treedef = jax.tree_util.tree_flatten(params)
+  flat = [np.array(l) for l in flat]
+  for (leaf, row), value in rows_by_leaf.items():
+    flat[leaf][row].flat[0] = value
+  return jax.tree_util.tree_unflatten(treedef, flat)
+
+
+@pytest.mark.parametrize("cells,want", [
+    ({}, []),
+    ({(0, 3): np.nan}, [3]),
+    ({(0, 1): np.inf, (1, 5): np.nan, (2, 1): -np.inf}, [1, 5]),
+])
+def test_nonfinite_models_are_found_warned_about_and_still_vote(mc_params, cells, want):
+  params = _poison_rows(mc_params, cells)
+  x = np.random.default_rng(6).normal(size=(9, NUM_FEATURES)).astype(np.float32)
+  # Reference: NumPy over every leaf, row by row.
+  flat = jax.tree_util.tree_leaves(params)
+  ref = [i for i in range(7) if not all(np.isfinite(l[i]).all() for l in flat)]
+  assert ref == want
+  np.testing.assert_array_equal(ensemble.nonfinite_models(params), want)
+  if want:
+    with pytest.warns(RuntimeWarning, match=rf"{len(want)} of 7 models .*models {want[0]}"):
+      got = ensemble.predict(apply_fn, params, x, chunk_size=2)
+    with pytest.raises(ValueError, match="NaN or inf logits"):
+      ensemble.predict(apply_fn, params, x, nonfinite="raise")
+  else:
+    got = ensemble.predict(apply_fn, params, x, nonfinite="raise")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    quiet = ensemble.predict(apply_fn, params, x, nonfinite="ignore")
+  np.testing.assert_array_equal(got, quiet)
+  # The finite models vote as before; the others still cast a valid label.
+  clean = ensemble.predict(apply_fn, mc_params, x)
+  keep = [i for i in range(7) if i not in want]
+  np.testing.assert_array_equal(got[keep], clean[keep])
+  assert got.min() >= 0 and got.max() < NUM_CLASSES
+
+
+def test_predict_rejects_an_unknown_nonfinite_policy(mc_params):
+  with pytest.raises(ValueError, match="nonfinite must be one of"):
+    ensemble.predict(apply_fn, mc_params, np.zeros((1, NUM_FEATURES)), nonfinite="skip")
 
 
 # --------------------------------------------------------------- two devices

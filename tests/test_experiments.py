@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -330,3 +331,29 @@ def test_progress_bar_eta_and_non_tty_output():
   assert len(lines) == 2  # the first update, then (throttled) only the final one
   assert "2/10" in lines[0] and "10/10" in lines[1] and "100%" in lines[1]
   assert progress.format_duration(3725) == "1:02:05" and progress.format_duration(75) == "1:15"
+
+
+@pytest.mark.parametrize("lr,diverges", [(0.1, False), (1e30, True)])
+def test_models_that_diverge_are_reported_not_hidden(lr, diverges):
+  from ensemble_fl import results  # pylint: disable=g-import-not-at-top
+  from ensemble_fl.clients import pack_clients  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  clients = pack_clients([rng.normal(size=(10, 8)).astype(np.float32) for _ in range(6)],
+                         [rng.integers(0, 3, size=10) for _ in range(6)])
+  data = experiment.Data(clients, rng.normal(size=(20, 8)).astype(np.float32),
+                         rng.integers(0, 3, size=20).astype(np.int32), 3, "synthetic")
+  cfg = experiment.ExperimentConfig(dataset="har", n_clients=6, k=2, num_models=15,
+                                    global_iters=2, local_iters=2, lr=lr, batch_size=4,
+                                    mode="exact")
+  lines = []
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    result = experiment.run(cfg, data=data, log=lines.append)
+  want = tuple(range(15)) if diverges else ()
+  assert result.nonfinite_models == want
+  assert results.result_to_dict(result, environment={})["nonfinite_models"] == list(want)
+  table = results.summary_table(result)
+  assert ("15 of 15 models have NaN or inf parameters" in table) == diverges
+  assert any("15 of 15 models ended training with NaN" in l for l in lines) == diverges
+  assert any(issubclass(w.category, RuntimeWarning) and "NaN or inf logits" in str(w.message)
+             for w in caught) == diverges
