@@ -558,7 +558,7 @@ def certified_accuracy(certificate: Certificate, y_true,
 
   Args:
     certificate: from `certify`, with d inputs.
-    y_true: int [d], the true labels.
+    y_true: int [d], the true labels, each in [0, num_classes).
     m_values: int or int [M], numbers of malicious clients, each >= 0.
 
   Returns:
@@ -576,6 +576,13 @@ def certified_accuracy(certificate: Certificate, y_true,
         f"{y.shape}")
   if not np.issubdtype(y.dtype, np.integer):
     raise ValueError(f"y_true must have an integer dtype, got {y.dtype}")
+  # A truth of -1 would silently never match (not even an abstention): a
+  # caller's bug, not a label.
+  outside = (y < 0) | (y >= certificate.num_classes)
+  if outside.any():
+    t = int(np.flatnonzero(outside)[0])
+    raise ValueError(f"y_true must hold labels in [0, {certificate.num_classes}), got "
+                     f"{int(y[t])} at input {t}")
   m = np.atleast_1d(_as_array("m_values", m_values))
   if m.dtype == object and m.ndim == 1 and all(
       isinstance(v, (numbers.Integral, float, np.floating))

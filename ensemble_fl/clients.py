@@ -88,12 +88,7 @@ def pack_clients(
           f"ys[{i}]: client {i}'s labels have shape {y.shape}, expected ({x.shape[0]},)")
     if not np.issubdtype(y.dtype, np.integer):
       raise ValueError(f"ys[{i}]: client {i}'s labels must be integers, got {y.dtype}")
-    if not _is_real(x.dtype) or not np.all(np.isfinite(x)):
-      raise ValueError(
-          f"xs[{i}]: client {i}'s features must be finite real numbers "
-          f"(found NaN/inf or dtype {x.dtype})")
-    if np.any(np.abs(x) > _F32_MAX):
-      raise ValueError(f"xs[{i}]: client {i}'s features overflow float32")
+    check_features(f"xs[{i}] (client {i}'s features)", x)
     if np.any(y < 0) or np.any(y > _I32_MAX) or (
         num_classes is not None and np.any(y >= num_classes)):
       raise ValueError(
@@ -118,8 +113,7 @@ def validate_clients(clients: ClientData, *, num_classes: int | None = None) -> 
   num_classes = _check_num_classes(num_classes)
   x, y, sizes = (_as_array(f"clients.{name}", a)
                  for name, a in zip(("x", "y", "sizes"), clients))
-  if not _is_real(x.dtype):
-    raise ValueError(f"clients.x must hold real numbers, got dtype {x.dtype}")
+  check_features("clients.x", x)
   if x.ndim < 2:
     raise ValueError(f"clients.x must be [n, m_max, ...], got shape {x.shape}")
   if y.shape != x.shape[:2]:
@@ -134,14 +128,32 @@ def validate_clients(clients: ClientData, *, num_classes: int | None = None) -> 
     bad = int(np.flatnonzero((sizes < 1) | (sizes > x.shape[1]))[0])
     raise ValueError(
         f"clients.sizes: client {bad} has size {int(sizes[bad])}, must be in [1, {x.shape[1]}]")
-  if not np.all(np.isfinite(x)):
-    raise ValueError("clients.x contains NaN or inf")
   if np.any(y < 0) or (num_classes is not None and np.any(y >= num_classes)):
     raise ValueError(f"clients.y has labels outside [0, {num_classes})")
 
 
 _F32_MAX = float(np.finfo(np.float32).max)
 _I32_MAX = int(np.iinfo(np.int32).max)
+
+
+def check_features(name: str, x: np.ndarray) -> None:
+  """Raises ValueError unless ``x`` holds real, finite numbers that fit float32.
+
+  Every entry point that takes features (``pack_clients``,
+  ``validate_clients``, the data loaders, ``ensemble.predict``) runs this one
+  check, so a bad array gets the same message wherever it enters.
+
+  Args:
+    name: how the message names ``x`` (e.g. ``"x"``, ``"clients.x"``).
+    x: a numpy array of any shape.
+  """
+  if not _is_real(x.dtype):
+    raise ValueError(f"{name} must hold real numbers, got dtype {x.dtype}")
+  if not np.all(np.isfinite(x)):
+    raise ValueError(f"{name} contains NaN or inf")
+  with np.errstate(over="ignore"):  # float128 or huge ints compared in their own dtype
+    if np.any(np.abs(x) > _F32_MAX):
+      raise ValueError(f"{name} overflows float32")
 
 
 def _is_real(dtype) -> bool:

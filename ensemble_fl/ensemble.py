@@ -52,7 +52,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ensemble_fl import fedavg as fedavg_lib
 from ensemble_fl.checkpoint import ChunkStore, array_digest
-from ensemble_fl.clients import ClientData, validate_clients
+from ensemble_fl.clients import ClientData, check_features, validate_clients
 from ensemble_fl.distributed import is_main_process, to_global, to_host
 
 PyTree = Any
@@ -572,12 +572,7 @@ def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray,
     raise ValueError(f"x must be [d, ...] with d >= 1, got shape {x.shape}")
   if not callable(apply_fn):
     raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
-  if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
-    raise ValueError(f"x must hold real numbers, got dtype {x.dtype}")
-  if not np.all(np.isfinite(x)):
-    raise ValueError("x contains NaN or inf")
-  if np.any(np.abs(x) > np.finfo(np.float32).max):
-    raise ValueError("x overflows float32")
+  check_features("x", x)
   batch_size = _check_pos_int("batch_size", batch_size)
   try:  # trace one model on one input: a shape mismatch names x, not dot_general
     out = jax.eval_shape(apply_fn, jax.tree_util.tree_map(lambda l: l[0], stacked_params),

@@ -591,8 +591,10 @@ def test_certified_accuracy_counts_abstains_wrong():
   assert c.labels[1] == -1
   ca0 = cert.certified_accuracy(c, np.array([0, 1, 2]), [0])[0]
   assert ca0 == pytest.approx(2 / 3)
-  ca0 = cert.certified_accuracy(c, np.array([0, -1, 2]), [0])[0]
-  assert ca0 == pytest.approx(2 / 3)  # "-1" as a truth never matches ABSTAIN
+  # A truth of -1 (the ABSTAIN code) or >= C is an error, not a label.
+  for bad in (-1, 3):
+    with pytest.raises(ValueError, match=rf"labels in \[0, 3\), got {bad} at input 1"):
+      cert.certified_accuracy(c, np.array([0, bad, 2]), [0])
 
 
 # ---------------------------------------------------------------------------

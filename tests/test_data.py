@@ -270,7 +270,7 @@ def test_split_bad_inputs():
       split_mnist_clients(x, y, **{"n_clients": 100, **kwargs})
   with pytest.raises(ValueError):
     split_mnist_clients(x[:-1], y, n_clients=100)
-  with pytest.raises(ValueError, match="finite"):
+  with pytest.raises(ValueError, match="x contains NaN or inf"):
     split_mnist_clients(np.full_like(x, np.nan), y, n_clients=100)
   with pytest.raises(ValueError):
     assign_mnist_clients(y.astype(np.float32), n_clients=100)

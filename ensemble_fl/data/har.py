@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ensemble_fl.clients import ClientData, pack_clients
+from ensemble_fl.clients import ClientData, check_features, pack_clients
 from ensemble_fl.data.paths import resolve_dir
 
 NUM_CLASSES = 6
@@ -112,8 +112,7 @@ def load_uci_har(folder: str | os.PathLike):
       raise ValueError(f"{folder / split}: activity labels must be in 1..6")
     if s.size and (s.min() < 1 or s.max() > 30):
       raise ValueError(f"{folder / split}: subject ids must be in 1..30")
-    if not np.all(np.isfinite(x)):
-      raise ValueError(f"{folder / split}: X contains NaN or inf")
+    check_features(f"{folder / split}: X", x)
     xs.append(x)
     ys.append(y)
     users.append(s)
@@ -172,12 +171,7 @@ def window_signals(
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 1:
       raise ValueError(f"window and stride must be positive integers, got {name}={v!r}")
   window, stride = int(window), int(stride)
-  if not (np.issubdtype(signals.dtype, np.integer) or np.issubdtype(signals.dtype, np.floating)):
-    raise ValueError(f"signals must be real numbers, got dtype {signals.dtype}")
-  if not np.all(np.isfinite(signals)):
-    raise ValueError("signals contain NaN or inf")
-  if np.any(np.abs(signals) > np.finfo(np.float32).max):
-    raise ValueError("signals overflow float32")
+  check_features("signals", signals)
 
   # Runs of constant experiment id; a repeated id means shuffled rows.
   run_start = np.flatnonzero(np.r_[True, experiment[1:] != experiment[:-1]]) if t else \

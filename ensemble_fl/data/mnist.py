@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ensemble_fl.clients import ClientData
+from ensemble_fl.clients import ClientData, check_features
 from ensemble_fl.data.paths import resolve_dir
 
 TRAIN_IMAGES = "train-images-idx3-ubyte.gz"
@@ -313,11 +313,7 @@ def split_mnist_clients(
   y = _as_array("y", y)
   if x.ndim < 1 or y.ndim != 1 or x.shape[0] != y.shape[0]:
     raise ValueError(f"x has shape {x.shape} but y has shape {y.shape}")
-  if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)) \
-      or not np.all(np.isfinite(x)):
-    raise ValueError(f"x must be finite real numbers (found NaN/inf or dtype {x.dtype})")
-  if np.any(np.abs(x) > np.finfo(np.float32).max):
-    raise ValueError("x overflows float32")
+  check_features("x", x)
   client = assign_mnist_clients(y, n_clients=n_clients, q=q, num_groups=num_groups, seed=seed)
   counts = np.bincount(client, minlength=n_clients)
   rank = _rank_within_client(client, counts)
