@@ -90,7 +90,6 @@ def _model(case: str, features: int, dtype_name: str):
 def worker(spec: dict) -> dict:
   """Runs one (case, N, method) measurement in this process; returns figures."""
   import jax
-  import numpy as np
   from jax import monitoring
   from ensemble_fl import ensemble, fedavg
 

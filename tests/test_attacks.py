@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -19,38 +18,11 @@ import pytest
 from ensemble_fl import attack_eval, attacks, ensemble
 from ensemble_fl.clients import pack_clients
 from ensemble_fl.fedavg import FedAvgConfig, fedavg
+from tiny_model import NUM_CLASSES, NUM_FEATURES, apply_fn, init_fn, make_clients
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_FEATURES, NUM_CLASSES = 4, 3
-SIZES = [3, 5, 8, 4, 6, 2]
 CONFIG = FedAvgConfig(global_iters=2, local_iters=2, lr=0.3, batch_size=4)
-
-
-class TinyMLP(nn.Module):
-
-  @nn.compact
-  def __call__(self, x):
-    return nn.Dense(NUM_CLASSES)(nn.relu(nn.Dense(5)(x)))
-
-
-MODEL = TinyMLP()
-apply_fn = MODEL.apply
-
-
-def init_fn(key):
-  return MODEL.init(key, np.zeros((1, NUM_FEATURES), np.float32))
-
-
 TEMPLATE = init_fn(jax.random.PRNGKey(0))
-
-
-def make_clients(seed=0, sizes=SIZES):
-  rng = np.random.default_rng(seed)
-  xs = [rng.normal(size=(m, NUM_FEATURES)).astype(np.float32) for m in sizes]
-  ys = [rng.integers(0, NUM_CLASSES, size=m) for m in sizes]
-  return pack_clients(xs, ys)
-
-
 CLIENTS = make_clients()
 
 

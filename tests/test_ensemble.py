@@ -8,7 +8,6 @@ import sys
 import textwrap
 import warnings
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -16,37 +15,10 @@ import pytest
 from ensemble_fl import ensemble
 from ensemble_fl.clients import ClientData, pack_clients
 from ensemble_fl.fedavg import FedAvgConfig, fedavg
+from tiny_model import NUM_CLASSES, NUM_FEATURES, SIZES, apply_fn, init_fn, make_clients
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_FEATURES, NUM_CLASSES = 4, 3
-SIZES = [3, 5, 8, 4, 6, 2]
 CONFIG = FedAvgConfig(global_iters=3, local_iters=2, lr=0.3, batch_size=4)
-
-
-class TinyMLP(nn.Module):
-  """Any Flax model works; this one is small enough to compile quickly."""
-
-  @nn.compact
-  def __call__(self, x):
-    return nn.Dense(NUM_CLASSES)(nn.relu(nn.Dense(5)(x)))
-
-
-MODEL = TinyMLP()
-
-
-def init_fn(key):
-  return MODEL.init(key, np.zeros((1, NUM_FEATURES), np.float32))
-
-
-# One function object for the whole module, so jit caches hit across tests.
-apply_fn = MODEL.apply
-
-
-def make_clients(seed=0, sizes=SIZES):
-  rng = np.random.default_rng(seed)
-  xs = [rng.normal(size=(m, NUM_FEATURES)).astype(np.float32) for m in sizes]
-  ys = [rng.integers(0, NUM_CLASSES, size=m) for m in sizes]
-  return pack_clients(xs, ys)
 
 
 @pytest.fixture(scope="module")

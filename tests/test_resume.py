@@ -5,8 +5,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,7 +105,6 @@ def test_resume_with_a_different_config_is_refused(child, uninterrupted, tmp_pat
 def test_complete_checkpoint_trains_nothing(child, uninterrupted, tmp_path):
   run_dir = tmp_path / "run"
   assert _run(child, run_dir, tmp_path / "a.npz", 0.1, 0.0).wait(timeout=300) == 0
-  start = time.monotonic()
   again = _run(child, run_dir, tmp_path / "b.npz", 0.1, 0.0)
   _, err = again.communicate(timeout=300)
   assert again.returncode == 0, err
