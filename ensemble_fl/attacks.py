@@ -22,8 +22,9 @@ An attack is a set of malicious client ids plus one behaviour:
 One program for every attack. :class:`Attack` is a pytree of arrays only:
 the malicious mask ``bool [n]`` and the parameters of *every* behaviour, set
 to neutral values for the behaviours not in use (identity label map, no
-stamped row, ``scale = 1``, ``boost = 0``, no per-subset boost). FedAvg applies all of them to
-every client with ``jnp.where(malicious[cid], attacked, honest)``; there is
+stamped row, ``scale = 1``, ``boost = 0``, no per-subset boost). FedAvg
+applies all of them to every client with
+``jnp.where(malicious[cid], attacked, honest)``; there is
 no Python branch per client or per kind, and the kind is not part of the
 pytree structure. So every attack over the same clients, data shapes and
 model, *and the clean run* (``make_attack("none", ...)``: all-False mask),
