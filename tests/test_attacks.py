@@ -280,7 +280,7 @@ class attack_eval_data:  # pylint: disable=invalid-name
 def test_the_certificate_holds_on_a_tiny_exact_run():
   data = separable_data()
   cfg = attack_eval.AttackEvalConfig(
-      dataset="har", k=2, m_values=(), attacks=("backdoor", "scaled"),
+      dataset="har", k=2, m_values=(), attacks=attack_eval.ATTACK_NAMES,
       global_iters=2, local_iters=2, lr=0.05, batch_size=8, n_clients=8, chunk_size=7,
       full_retrain="first")
   result = attack_eval.run(cfg, data, log=lambda s: None)
@@ -297,6 +297,11 @@ def test_the_certificate_holds_on_a_tiny_exact_run():
   # The strong update attacks do hurt single FedAvg.
   single = {r["attack"]: r["single_attacked_accuracy"] for r in result["rows"]}
   assert single["scaled"] < result["clean"]["single_accuracy"]
+  # Model replacement with the per-subset boost lands single FedAvg (all 8
+  # clients) on the target, which predicts label 0 everywhere, without NaNs.
+  assert single["replacement"] == pytest.approx(np.mean(data.y_test == 0))
+  assert not any(r["single_nonfinite"] or r["nonfinite_models"]
+                 for r in result["rows"] if r["attack"] == "replacement")
 
 
 def test_models_blown_up_by_an_attack_are_counted():
