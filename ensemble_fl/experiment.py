@@ -30,6 +30,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -516,8 +517,11 @@ def run(
   if nonfinite.size:
     log(f"warning: {nonfinite.size} of {num_models} models ended training with NaN or inf "
         "parameters (diverged: a smaller --lr may help); they still vote")
-  with _timed(timings, "predict", log):
+  with _timed(timings, "predict", log), warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always", RuntimeWarning)
     predictions = predict_labels(cfg, model, params, data.x_test)
+  for w in caught:  # ensemble.predict's logits check, as one log line like the others
+    log(f"warning: {w.message}")
   del params
   with _timed(timings, "certify", log):
     certificate = certify_predictions(cfg, predictions, num_classes=data.num_classes, mode=mode,

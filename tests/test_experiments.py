@@ -346,8 +346,8 @@ def test_models_that_diverge_are_reported_not_hidden(lr, diverges):
                                     global_iters=2, local_iters=2, lr=lr, batch_size=4,
                                     mode="exact")
   lines = []
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", RuntimeWarning)  # reported through log instead
     result = experiment.run(cfg, data=data, log=lines.append)
   want = tuple(range(15)) if diverges else ()
   assert result.nonfinite_models == want
@@ -355,5 +355,5 @@ def test_models_that_diverge_are_reported_not_hidden(lr, diverges):
   table = results.summary_table(result)
   assert ("15 of 15 models have NaN or inf parameters" in table) == diverges
   assert any("15 of 15 models ended training with NaN" in l for l in lines) == diverges
-  assert any(issubclass(w.category, RuntimeWarning) and "NaN or inf logits" in str(w.message)
-             for w in caught) == diverges
+  assert any(l.startswith("warning: 15 of 15 models give NaN or inf logits") for l in lines) \
+      == diverges
