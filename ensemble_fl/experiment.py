@@ -353,6 +353,16 @@ def predict_labels(cfg: ExperimentConfig, model: Model, stacked_params, x_test) 
                                      chunk_size=cfg.chunk_size), dtype=np.int32)
 
 
+def _predict_logging_warnings(cfg, model, stacked_params, x_test, log) -> np.ndarray:
+  """:func:`predict_labels`, with its warnings (non-finite logits) sent to ``log``."""
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always", RuntimeWarning)
+    labels = predict_labels(cfg, model, stacked_params, x_test)
+  for w in caught:
+    log(f"warning: {w.message}")
+  return labels
+
+
 # Monte Carlo bounds at α / (2d) rather than the paper's α / d: the top label is
 # chosen from the same votes it is bounded with (see certify's module docstring).
 SELECTION_CORRECTION = True
@@ -517,11 +527,8 @@ def run(
   if nonfinite.size:
     log(f"warning: {nonfinite.size} of {num_models} models ended training with NaN or inf "
         "parameters (diverged: a smaller --lr may help); they still vote")
-  with _timed(timings, "predict", log), warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always", RuntimeWarning)
-    predictions = predict_labels(cfg, model, params, data.x_test)
-  for w in caught:  # ensemble.predict's logits check, as one log line like the others
-    log(f"warning: {w.message}")
+  with _timed(timings, "predict", log):
+    predictions = _predict_logging_warnings(cfg, model, params, data.x_test, log)
   del params
   with _timed(timings, "certify", log):
     certificate = certify_predictions(cfg, predictions, num_classes=data.num_classes, mode=mode,
@@ -536,7 +543,7 @@ def run(
       params = train_models(cfg, model, data.clients, plan, progress("single FedAvg"),
                             checkpoint_dir=_subdir(checkpoint_dir, "baseline"))
     with _timed(timings, "baseline_predict", log):
-      baseline_labels = predict_labels(cfg, model, params, data.x_test)[0]
+      baseline_labels = _predict_logging_warnings(cfg, model, params, data.x_test, log)[0]
     baseline_ca = baseline_curve(baseline_labels, data.y_test, m_values)
   timings["total"] = earlier + time.perf_counter() - start
   return ExperimentResult(
