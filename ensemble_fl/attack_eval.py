@@ -410,7 +410,8 @@ CSV_FIELDS = ("attack", "m", "models_affected", "models_retrained", "full_retrai
               "clean_models_checked", "bit_mismatches", "certified_inputs", "violations",
               "violation_fraction", "changed_inputs", "ensemble_attacked_accuracy", "ca_at_m",
               "single_attacked_accuracy", "ensemble_clean_accuracy", "single_clean_accuracy",
-              "nonfinite_models", "single_nonfinite", "seconds", "trigger_inputs", "trigger_certified_inputs", "trigger_violations",
+              "nonfinite_models", "single_nonfinite", "seconds", "trigger_inputs",
+              "trigger_certified_inputs", "trigger_violations",
               "ensemble_backdoor_rate", "ensemble_backdoor_rate_clean", "single_backdoor_rate",
               "single_backdoor_rate_clean", "malicious_ids")
 
