@@ -23,17 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ensemble_fl._arrays import dtype_of
+
 PyTree = Any
 
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum")
-
-
-def _as_array(name: str, value: Any) -> np.ndarray:
-  """np.asarray, with a ragged nested sequence reported under ``name``."""
-  try:
-    return np.asarray(value)
-  except ValueError as e:  # "inhomogeneous shape": a ragged nested list
-    raise ValueError(f"{name} is not a rectangular array: {e}") from e
 
 
 def _full_mask(updates: PyTree) -> jax.Array:
@@ -71,9 +65,7 @@ def _get_mask(updates: PyTree, mask: Any, s: int) -> jax.Array:
   """The validated bool ``[s]`` mask (all True when None)."""
   if mask is None:
     return _full_mask(updates)
-  dtype = getattr(mask, "dtype", None)
-  if dtype is None:
-    dtype = _as_array("mask", mask).dtype
+  dtype = dtype_of("mask", mask)
   if not (jnp.issubdtype(dtype, jnp.bool_) or jnp.issubdtype(dtype, jnp.integer)):
     raise TypeError(f"mask must be bool [s], got dtype {dtype}")
   if np.shape(mask) != (s,):
@@ -103,9 +95,7 @@ def weighted_mean(updates: PyTree, weights: jax.Array,
   """
   s = _num_slots(updates)
   mask = _get_mask(updates, mask, s)
-  w_dtype = getattr(weights, "dtype", None)
-  if w_dtype is None:
-    w_dtype = _as_array("weights", weights).dtype
+  w_dtype = dtype_of("weights", weights)
   if not (jnp.issubdtype(w_dtype, jnp.integer) or jnp.issubdtype(w_dtype, jnp.floating)):
     raise TypeError(f"weights must be a real array [s], got dtype {w_dtype}")
   if np.shape(weights) != (s,):

@@ -55,6 +55,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from scipy import special
 
+from ensemble_fl._arrays import as_array
+
 Fraction = fractions.Fraction
 
 MODES = ("exact", "monte_carlo", "partition")
@@ -75,14 +77,6 @@ _CP_SAFETY_MARGIN = 1e-10
 
 # Largest d * num_classes vote-count table `certify` builds (800 MB of int64).
 _MAX_COUNT_CELLS = 10**8
-
-
-def _as_array(name: str, value: Any) -> np.ndarray:
-  """np.asarray, with a ragged nested sequence reported under ``name``."""
-  try:
-    return np.asarray(value)
-  except ValueError as e:  # "inhomogeneous shape": a ragged nested list
-    raise ValueError(f"{name} is not a rectangular array: {e}") from e
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -299,7 +293,7 @@ def clopper_pearson_lower(top_count, num_models: int, alpha_per_input: float
   """
   num_models = _check_int("num_models", num_models, 1)
   alpha_per_input = _check_alpha(alpha_per_input, "alpha_per_input")
-  counts = _as_array("top_count", top_count)
+  counts = as_array("top_count", top_count)
   if counts.dtype == object or not (
       np.issubdtype(counts.dtype, np.integer) or counts.size == 0):
     raise ValueError(
@@ -328,7 +322,7 @@ def clopper_pearson_lower(top_count, num_models: int, alpha_per_input: float
 def _check_predictions(predictions, num_classes) -> tuple[np.ndarray, int]:
   """Validates the [N, d] label tensor; returns it as a numpy array."""
   num_classes = _check_int("num_classes", num_classes, 2)
-  preds = _as_array("predictions", predictions)
+  preds = as_array("predictions", predictions)
   if preds.ndim != 2:
     raise ValueError(
         f"predictions must be 2-D [N models, d inputs], got shape "
@@ -568,7 +562,7 @@ def certified_accuracy(certificate: Certificate, y_true,
     raise TypeError(
         f"certificate must be a Certificate from certify(), got "
         f"{type(certificate).__name__}")
-  y = _as_array("y_true", y_true)
+  y = as_array("y_true", y_true)
   d = certificate.num_inputs
   if y.ndim != 1 or y.shape[0] != d:
     raise ValueError(
@@ -583,7 +577,7 @@ def certified_accuracy(certificate: Certificate, y_true,
     t = int(np.flatnonzero(outside)[0])
     raise ValueError(f"y_true must hold labels in [0, {certificate.num_classes}), got "
                      f"{int(y[t])} at input {t}")
-  m = np.atleast_1d(_as_array("m_values", m_values))
+  m = np.atleast_1d(as_array("m_values", m_values))
   if m.dtype == object and m.ndim == 1 and all(
       isinstance(v, (numbers.Integral, float, np.floating))
       and not isinstance(v, (bool, np.bool_)) for v in m):

@@ -9,17 +9,11 @@ rows, so padding is never read and no model ever copies the data.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
-
-def _as_array(name: str, value: Any) -> np.ndarray:
-  """np.asarray, with a ragged nested sequence reported under ``name``."""
-  try:
-    return np.asarray(value)
-  except ValueError as e:  # "inhomogeneous shape": a ragged nested list
-    raise ValueError(f"{name} is not a rectangular array: {e}") from e
+from ensemble_fl._arrays import as_array
 
 
 class ClientData(NamedTuple):
@@ -74,8 +68,8 @@ def pack_clients(
     raise ValueError(f"xs has {len(xs)} clients but ys has {len(ys)}")
   if len(xs) == 0:
     raise ValueError("no clients: xs and ys are empty")
-  xs = [_as_array(f"xs[{i}]", x) for i, x in enumerate(xs)]
-  ys = [_as_array(f"ys[{i}]", y) for i, y in enumerate(ys)]
+  xs = [as_array(f"xs[{i}]", x) for i, x in enumerate(xs)]
+  ys = [as_array(f"ys[{i}]", y) for i, y in enumerate(ys)]
   feature_shape = xs[0].shape[1:]
   for i, (x, y) in enumerate(zip(xs, ys)):
     if x.ndim < 1 or x.shape[0] == 0:
@@ -111,7 +105,7 @@ def validate_clients(clients: ClientData, *, num_classes: int | None = None) -> 
     raise TypeError(
         f"clients must be a ClientData(x, y, sizes), got {type(clients).__name__}")
   num_classes = _check_num_classes(num_classes)
-  x, y, sizes = (_as_array(f"clients.{name}", a)
+  x, y, sizes = (as_array(f"clients.{name}", a)
                  for name, a in zip(("x", "y", "sizes"), clients))
   check_features("clients.x", x)
   if x.ndim < 2:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from ensemble_fl._arrays import as_array
 from ensemble_fl.clients import ClientData, check_features, pack_clients
 from ensemble_fl.data.paths import resolve_dir
 
@@ -29,14 +30,6 @@ ACTIVITY_NAMES = ("WALKING", "WALKING_UPSTAIRS", "WALKING_DOWNSTAIRS",
 HAPT_FILE = "hapt_raw.npz"
 HAPT_KEYS = ("signals", "label", "user", "experiment")
 UCI_FOLDER = "UCI HAR Dataset"
-
-
-def _as_array(name: str, value: Any) -> np.ndarray:
-  """np.asarray, with a ragged nested sequence reported under ``name``."""
-  try:
-    return np.asarray(value)
-  except ValueError as e:  # "inhomogeneous shape": a ragged nested list
-    raise ValueError(f"{name} is not a rectangular array: {e}") from e
 
 
 class HarData(NamedTuple):
@@ -156,8 +149,8 @@ def window_signals(
     ValueError: mismatched lengths, an experiment split over several runs or
       spanning several users, non-finite signals, bad window/stride.
   """
-  signals = _as_array("signals", signals)
-  label, user, experiment = (_as_array(name, a) for name, a in (
+  signals = as_array("signals", signals)
+  label, user, experiment = (as_array(name, a) for name, a in (
       ("label", label), ("user", user), ("experiment", experiment)))
   if signals.ndim != 2:
     raise ValueError(f"signals must be [T, C], got shape {signals.shape}")
@@ -308,7 +301,7 @@ def split_per_user(user: np.ndarray, *, train_fraction: float = 0.75, seed: int 
   Returns:
     bool ``[M]``: True for training examples.
   """
-  user = _as_array("user", user)
+  user = as_array("user", user)
   if user.ndim != 1 or not np.issubdtype(user.dtype, np.integer):
     raise ValueError(f"user must be a 1-d integer array, got {user.dtype} {user.shape}")
   if user.size and user.min() < 0:  # (seed, u) seeds a numpy Generator

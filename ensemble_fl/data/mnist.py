@@ -17,10 +17,10 @@ import numbers
 import os
 import zlib
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from ensemble_fl._arrays import as_array
 from ensemble_fl.clients import ClientData, check_features
 from ensemble_fl.data.paths import resolve_dir
 
@@ -45,14 +45,6 @@ _HINT = ("Fix: pass data_dir (--data-dir) pointing at the folder with the four "
          "original MNIST .gz files (or its parent holding mnist/), set "
          "$ENSEMBLE_FL_DATA, or `pip install ensemble_fl[tfds]` to load MNIST "
          "through tensorflow_datasets.")
-
-
-def _as_array(name: str, value: Any) -> np.ndarray:
-  """np.asarray, with a ragged nested sequence reported under ``name``."""
-  try:
-    return np.asarray(value)
-  except ValueError as e:  # "inhomogeneous shape": a ragged nested list
-    raise ValueError(f"{name} is not a rectangular array: {e}") from e
 
 
 def parse_idx(raw: bytes, *, expected_magic: int, name: str = "IDX data") -> np.ndarray:
@@ -210,7 +202,7 @@ def assign_mnist_clients(
     ValueError: bad arguments, or a group received fewer examples than it has
       clients (use fewer clients).
   """
-  y = _as_array("y", y)
+  y = as_array("y", y)
   if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
     raise ValueError(f"y must be a 1-d integer array, got {y.dtype} {y.shape}")
   if y.size and y.min() < 0:
@@ -309,8 +301,8 @@ def split_mnist_clients(
     :class:`ClientData` with ``x`` float32 ``[n_clients, m_max, *feature_shape]``,
     ``y`` int32 ``[n_clients, m_max]``, ``sizes`` int32 ``[n_clients]`` (all >= 1).
   """
-  x = _as_array("x", x)
-  y = _as_array("y", y)
+  x = as_array("x", x)
+  y = as_array("y", y)
   if x.ndim < 1 or y.ndim != 1 or x.shape[0] != y.shape[0]:
     raise ValueError(f"x has shape {x.shape} but y has shape {y.shape}")
   check_features("x", x)
