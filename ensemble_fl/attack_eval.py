@@ -343,8 +343,7 @@ def run(cfg: AttackEvalConfig, data=None, *, log: Callable[[str], None] = print,
           "ca_at_m": float(certify.certified_accuracy(cert, y_test, [m])[0]),
           "single_attacked_accuracy": float(np.mean(single_att == y_test)),
           # Attacks may blow models up; a NaN model votes argmax(NaN) = class 0.
-          "nonfinite_models": int(ensemble.nonfinite_models(_rows(params, hit)).size)
-                              if hit.size else 0,
+          "nonfinite_models": int(np.isin(ensemble.nonfinite_models(params), hit).sum()),
           "single_nonfinite": bool(ensemble.nonfinite_models(single_params).size),
           "ensemble_clean_accuracy": clean_acc,
           "single_clean_accuracy": single_clean_acc,

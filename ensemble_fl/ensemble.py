@@ -597,7 +597,7 @@ def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray,
   x_dev = [to_global(x_pad[b * bs:(b + 1) * bs], replicated) for b in range(num_batches)]
 
   out = np.empty((total, d), np.int32)
-  finite = np.empty((total, d), bool)
+  finite = np.empty(total, bool)  # model i's logits are finite on every input
   for start in range(0, total, chunk):
     stop = min(start + chunk, total)
     params = jax.tree_util.tree_map(
@@ -607,8 +607,8 @@ def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray,
     labels = np.concatenate([to_host(l) for l, _ in results], axis=1)
     ok = np.concatenate([to_host(f) for _, f in results], axis=1)
     out[start:stop] = labels[: stop - start, :d]
-    finite[start:stop] = ok[: stop - start, :d]
-  bad = np.flatnonzero(~finite.all(axis=1))
+    finite[start:stop] = ok[: stop - start, :d].all(axis=1)
+  bad = np.flatnonzero(~finite)
   if bad.size and nonfinite != "ignore":
     shown = ", ".join(map(str, bad[:10].tolist())) + (", ..." if bad.size > 10 else "")
     msg = (f"{bad.size} of {total} models give NaN or inf logits on some inputs "
