@@ -1,4 +1,6 @@
-"""Certified security levels of an ensemble of global models (SPEC §3-4).
+"""Certified security levels of an ensemble of global models.
+
+See docs/ALGORITHM.md for the statements and proofs.
 
 An ensemble of global models, each trained by any base federated-learning
 algorithm on a subsample of k of the n clients, predicts the majority label.
@@ -14,18 +16,27 @@ float64 holds exactly, so every comparison here is done on Python integers
 and `fractions.Fraction`s; floats only ever enter as *inputs* that have been
 rounded down on purpose.
 
-Three ways to get the bounds (`certify`'s `mode`):
+Four modes (`certify`'s `mode`), and what each one certifies:
 
 * "exact": one model for each of the C(n, k) subsets; the bounds are the
-  exact vote fractions, so the level depends only on the integer gap
-  c_y - c_z.
+  exact vote fractions, so the level depends only on the integer margin
+  c_y - c_c - [c < y]. Certifies the deployed vote, deterministically.
 * "monte_carlo" (the paper's Algorithm 2): N independently drawn subsets;
   the top label's count is Binomial(N, p_y), and a one-sided Clopper-Pearson
-  bound at level alpha / d (Bonferroni over the d test inputs) gives p_lower.
-  The level depends only on the top count, so one table of N + 1 levels
-  certifies any number of inputs with a gather.
+  bound gives p_lower. Certifies the *idealised* ensemble h (the vote over
+  all C(n, k) subsets), with probability >= 1 - alpha over the draw of the
+  subsets; not the vote of the N deployed models. The level depends only on
+  the top count (or, with `bound="top_two"`, on the top and runner-up
+  counts), so one table certifies any number of inputs with a gather.
 * "partition": N models trained on disjoint client groups, so a malicious
   client touches at most one model; deterministic, no alpha.
+* "deterministic": any list of client subsets (Monte Carlo draws, partitions,
+  replicated partitions): the level of the deployed N-model vote against any
+  m malicious clients, for a plan the attacker knows; no alpha. On disjoint
+  subsets it equals "partition".
+
+Every deterministic mode uses one tie rule: the vote breaks ties toward the
+smaller label, so y survives against a rival c iff N'_y - N'_c - [c < y] >= 0.
 
 A correction to Algorithm 2 as the paper states it: the top label is chosen
 from the same votes that are then bounded, so a minority label that wins the
@@ -36,8 +47,10 @@ P_p(that count certifies) is convex in p and <= alpha/d at p = 1/2, so it
 is <= 2p * alpha/d; a true top label with p >= 1/2 over-certifies with
 probability <= alpha/d (Clopper-Pearson), the rest sum to <= alpha/d. The
 excess appears when the top two probabilities straddle 1/2 within sampling
-noise: about 1.13 * alpha/d for n=1000, k=10, N=500 at p_y = 0.51, and
-2 * alpha/d at an exact 1/2-1/2 tie (the tests compute both exactly).
+noise. The exact figures depend on N, d and the lattice of counts; they
+are computed (not bounded) by `benchmarks/selection_error.py` and quoted in
+docs/ALGORITHM.md, e.g. about 1.47 * alpha/d at an exact 1/2-1/2 tie for
+n=1000, k=10, N=500, d=10,000.
 `certify` therefore bounds at alpha / (2d) by default (`selection_correction
 =True`), which restores the 1 - alpha guarantee for all d inputs at once;
 the paper's ceilings are unchanged (60 for MNIST, see the tests).
@@ -59,7 +72,8 @@ from ensemble_fl._arrays import as_array
 
 Fraction = fractions.Fraction
 
-MODES = ("exact", "monte_carlo", "partition")
+MODES = ("exact", "monte_carlo", "partition", "deterministic")
+BOUNDS = ("complement", "top_two")
 
 ABSTAIN = -1
 NOT_CERTIFIED = -1
@@ -85,14 +99,15 @@ class Certificate:
 
   Attributes:
     labels: int64 [d]. The certified prediction; -1 (ABSTAIN) when the
-      ensemble's prediction cannot be certified at all (exact top-count tie,
-      or p_lower <= p_upper in Monte Carlo mode).
+      ensemble's prediction cannot be certified at all (Monte Carlo mode
+      only: p_lower <= p_upper). The deterministic modes never abstain: with
+      no malicious client the vote is the vote, so their level is >= 0.
     levels: int64 [d]. Certified security level m*: the prediction is
       unchanged whenever at most m* clients are malicious. -1 when not
       certified; always -1 where `labels` is -1.
-    top_labels: int64 [d]. The plain majority vote before abstention (ties
-      toward the smaller label, or at random with `seed` in Monte Carlo
-      mode).
+    top_labels: int64 [d]. The plain majority vote of the N models before
+      abstention (ties toward the smaller label, or at random with `seed` in
+      Monte Carlo mode).
     counts: int64 [d, num_classes]. Vote counts of the N models.
     top_count: int64 [d]. counts[t, top_labels[t]].
     runner_up_count: int64 [d]. Largest count among the other labels.
@@ -101,14 +116,17 @@ class Certificate:
       computed from its exact rational value.
     p_upper: float64 [d]. The upper bound on the runner-up's probability,
       for information only.
-    mode: "exact", "monte_carlo" or "partition".
+    mode: "exact", "monte_carlo", "partition" or "deterministic".
     n: number of clients (None in partition mode, where it is not used).
-    k: subsample size (None in partition mode).
+    k: subsample size (exact and Monte Carlo modes, else None).
     alpha: confidence parameter (Monte Carlo mode only, else None).
     num_models: N, the number of global models that voted.
     num_classes: number of labels.
     selection_correction: Monte Carlo mode: whether the bound was taken at
       alpha / (2d) (True) or at the paper's alpha / d (False); None otherwise.
+    bound: Monte Carlo mode: "complement" (p_upper = 1 - p_lower, the
+      paper's) or "top_two" (p_upper from the runner-up's own count); None
+      otherwise.
   """
   labels: np.ndarray
   levels: np.ndarray
@@ -125,11 +143,39 @@ class Certificate:
   num_models: int
   num_classes: int
   selection_correction: Optional[bool] = None
+  bound: Optional[str] = None
 
   @property
   def num_inputs(self) -> int:
     """d, the number of certified test inputs."""
     return int(self.labels.shape[0])
+
+  @property
+  def guarantee(self) -> str:
+    """What the levels prove, and under which threat model, in one paragraph."""
+    attack = ("any m malicious clients, who may send anything and may know "
+              "the plan (which clients train which model)")
+    if self.mode == "monte_carlo":
+      return (
+          f"Certifies the idealised ensemble h, the majority vote over all "
+          f"C(n, k) = C({self.n}, {self.k}) subsets, not the vote of the "
+          f"{self.num_models} deployed models: with probability >= "
+          f"1 - {self.alpha:g} over the random draw of the subsets, h's "
+          f"prediction on every one of the {self.num_inputs} inputs at once "
+          f"is unchanged by any m <= level malicious clients. The deployed "
+          f"vote is covered only if the attacker cannot choose clients "
+          f"after seeing the plan (keep the plan seed secret); for a public "
+          f"plan use mode 'deterministic'.")
+    models = {"exact": f"the C({self.n}, {self.k}) = {self.num_models} "
+                       "models, one per k-subset",
+              "partition": f"the {self.num_models} models trained on disjoint "
+                           "client groups",
+              "deterministic": f"the {self.num_models} models of the given "
+                               "client subsets"}[self.mode]
+    return (f"Certifies the deployed majority vote of {models} (ties toward "
+            f"the smaller label), deterministically (no probability): on "
+            f"each input the vote is unchanged by {attack}, for every m <= "
+            f"level.")
 
 
 # ---------------------------------------------------------------------------
@@ -216,21 +262,25 @@ def _floor_times(p: Fraction, c: int) -> int:
 
 
 class _LevelSolver:
-  """Largest m with gap > 2*C(n,k) - 2*C(n-m,k), by binary search over m.
+  """Largest m whose threshold 2*C(n,k) - 2*C(n-m,k) a gap clears, by
+  binary search over m.
 
-  The right side grows with m (C(n-m, k) shrinks), so the m that satisfy the
-  inequality form a prefix [0, m*] of [0, n-k]. The binomials are cached, so
-  a table of many gaps for one (n, k) costs O(distinct m probed) `comb`s.
+  The threshold grows with m (C(n-m, k) shrinks), so the m that a gap clears
+  form a prefix [0, m*] of [0, n-k]. The binomials are cached, so a table of
+  many gaps for one (n, k) costs O(distinct m probed) `comb`s.
   """
 
-  def __init__(self, n: int, k: int):
+  def __init__(self, n: int, k: int, strict: bool = True):
     self.n = n
     self.k = k
     self.total = math.comb(n, k)
+    # Theorem 1 (bounds on probabilities) needs gap > threshold; an exact
+    # vote with the smaller-label tie rule survives at gap >= threshold.
+    self._clears = (lambda g, t: g > t) if strict else (lambda g, t: g >= t)
     self._comb = {}
 
   def _threshold(self, m: int) -> int:
-    """2*C(n,k) - 2*C(n-m,k): the gap must exceed this for level m."""
+    """2*C(n,k) - 2*C(n-m,k): the most m clients can move the gap."""
     c = self._comb.get(m)
     if c is None:
       c = math.comb(self.n - m, self.k)
@@ -238,13 +288,13 @@ class _LevelSolver:
     return 2 * self.total - 2 * c
 
   def level(self, gap: int) -> int:
-    """Certified level of an integer gap ceil(p_y*C) - floor(p_z*C); or -1."""
-    if not gap > self._threshold(0):  # threshold(0) == 0
+    """Certified level of an integer gap; -1 when even m = 0 fails."""
+    if not self._clears(gap, 0):  # threshold(0) == 0
       return NOT_CERTIFIED
-    lo, hi = 0, self.n - self.k  # invariant: lo satisfies, all > hi do not
+    lo, hi = 0, self.n - self.k  # invariant: lo clears, all > hi do not
     while lo < hi:
       mid = (lo + hi + 1) // 2
-      if gap > self._threshold(mid):
+      if self._clears(gap, self._threshold(mid)):
         lo = mid
       else:
         hi = mid - 1
@@ -315,6 +365,27 @@ def clopper_pearson_lower(top_count, num_models: int, alpha_per_input: float
   return np.where(counts > 0, q, 0.0)
 
 
+def clopper_pearson_upper(count, num_models: int, alpha_per_input: float
+                          ) -> np.ndarray:
+  """One-sided Clopper-Pearson upper bounds, rounded up for safety.
+
+  Args:
+    count: int array [...], vote counts in [0, num_models].
+    num_models: N.
+    alpha_per_input: the one-sided error level of each bound.
+
+  Returns:
+    float64 [...]: 1 - (lower bound of the complementary count), i.e. the
+    Beta(1 - alpha; N_c + 1, N - N_c) quantile pushed *up*; 1 where the
+    count is N.
+  """
+  counts = as_array("count", count)
+  lower = clopper_pearson_lower(num_models - counts.astype(np.int64),
+                                num_models, alpha_per_input)
+  # 1 - lower is exact up to half an ulp; one ulp up keeps it an upper bound.
+  return np.minimum(np.nextafter(1.0 - lower, 2.0), 1.0)
+
+
 # ---------------------------------------------------------------------------
 # Votes.
 
@@ -379,22 +450,32 @@ def _top_two(counts: np.ndarray, top: np.ndarray
 # Modes.
 
 
+def _margins(counts: np.ndarray, top: np.ndarray) -> np.ndarray:
+  """int64 [d, K]: N_y - N_c - [c < y] for every rival c; a huge value at y.
+
+  The deterministic modes' tie rule: the vote breaks ties toward the smaller
+  label, so y keeps the vote against c iff this stays >= 0.
+  """
+  d, num_classes = counts.shape
+  rows = np.arange(d)
+  handicap = (np.arange(num_classes)[None, :] < top[:, None]).astype(np.int64)
+  margins = counts[rows, top][:, None] - counts - handicap
+  margins[rows, top] = np.iinfo(np.int64).max // 4
+  return margins
+
+
 def _certify_exact(counts, n, k):
-  """Exact mode: p's are counts / C(n, k); level per distinct gap."""
+  """Exact mode: level = largest m with min margin >= 2*(C(n,k)-C(n-m,k))."""
   top = np.argmax(counts, axis=1)  # first maximum: ties toward smaller label
   top_count, runner_up = _top_two(counts, top)
-  solver = _LevelSolver(n, k)
-  gap = top_count - runner_up
-  distinct, inverse = np.unique(gap, return_inverse=True)
+  solver = _LevelSolver(n, k, strict=False)
+  margin = _margins(counts, top).min(axis=1)  # >= 0 by the choice of top
+  distinct, inverse = np.unique(margin, return_inverse=True)
   table = np.array([solver.level(int(g)) for g in distinct], dtype=np.int64)
   levels = table[inverse.reshape(-1)]
-  # A tie at the top has gap 0, which never certifies; stated for clarity.
-  labels = np.where((gap > 0) & (levels >= 0), top, ABSTAIN)
-  levels = np.where(labels >= 0, levels, NOT_CERTIFIED)
   total = float(solver.total)  # == N, which fits in memory, so is exact
-  p_lower = top_count / total
-  p_upper = runner_up / total
-  return top, top_count, runner_up, labels, levels, p_lower, p_upper
+  return (top, top_count, runner_up, top.copy(), levels, top_count / total,
+          runner_up / total)
 
 
 def monte_carlo_level_table(num_models: int, n: int, k: int,
@@ -429,79 +510,209 @@ def monte_carlo_level_table(num_models: int, n: int, k: int,
   return levels, p_lower
 
 
+def _top_two_levels(top_count: np.ndarray, runner_up: np.ndarray,
+                    num_models: int, n: int, k: int, alpha_per_bound: float
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Levels from the top count's lower bound and the runner-up's upper bound.
+
+  p_lower = CP lower bound of N_y, p_upper = min(1 - p_lower, CP upper bound
+  of N_z), each one-sided bound at `alpha_per_bound`; the level is Theorem
+  1's, computed once per distinct (N_y, N_z) pair.
+
+  Returns:
+    (levels int64 [d], p_lower float64 [d], p_upper float64 [d]).
+  """
+  pairs, inverse = np.unique(np.stack([top_count, runner_up], 1), axis=0,
+                             return_inverse=True)
+  lower = clopper_pearson_lower(pairs[:, 0], num_models, alpha_per_bound)
+  # The runner-up's upper bound is 1 - (lower bound of the other N - N_z).
+  lower_rest = clopper_pearson_lower(num_models - pairs[:, 1], num_models,
+                                     alpha_per_bound)
+  solver = _LevelSolver(n, k)
+  total = solver.total
+  levels = np.full(len(pairs), NOT_CERTIFIED, dtype=np.int64)
+  p_upper = np.empty(len(pairs), dtype=np.float64)
+  for i, (pl, pr) in enumerate(zip(lower.tolist(), lower_rest.tolist())):
+    pl = Fraction(pl)
+    pu = min(1 - pl, 1 - Fraction(pr))  # exact: both are valid upper bounds
+    p_upper[i] = math.nextafter(float(pu), 2.0) if pu < 1 else 1.0
+    if pl <= pu:
+      continue
+    levels[i] = solver.level(_ceil_times(pl, total) - _floor_times(pu, total))
+  inverse = inverse.reshape(-1)
+  return levels[inverse], lower[inverse], np.minimum(p_upper, 1.0)[inverse]
+
+
 def _certify_monte_carlo(counts, n, k, alpha, num_models, seed,
-                         selection_correction):
+                         selection_correction, bound):
   """Algorithm 2: random tie-break, Clopper-Pearson, table lookup."""
-  d = counts.shape[0]
+  d, num_classes = counts.shape
   rng = np.random.default_rng(seed)
   # Uniform random priority among the tied maxima of each input.
   priority = rng.random(counts.shape)
   is_max = counts == counts.max(axis=1, keepdims=True)
   top = np.argmax(np.where(is_max, priority, -1.0), axis=1)
   top_count, runner_up = _top_two(counts, top)
-  # Bonferroni over the d inputs, and (by default) over the two ways an
-  # input can go wrong: its true top label over-estimated, or a minority
-  # label winning the vote and certifying.
-  alpha_per_input = alpha / d / (2 if selection_correction else 1)
-  table, p_table = monte_carlo_level_table(num_models, n, k, alpha_per_input)
-  levels = table[top_count]
+  if bound == "top_two":
+    # A union bound over all 2K one-sided bounds (a lower and an upper one
+    # per label) holds whichever label the votes select.
+    levels, p_lower, p_upper = _top_two_levels(
+        top_count, runner_up, num_models, n, k, alpha / d / (2 * num_classes))
+  else:
+    # Bonferroni over the d inputs, and (by default) over the two ways an
+    # input can go wrong: its true top label over-estimated, or a minority
+    # label winning the vote and certifying.
+    alpha_per_input = alpha / d / (2 if selection_correction else 1)
+    table, p_table = monte_carlo_level_table(num_models, n, k,
+                                             alpha_per_input)
+    levels = table[top_count]
+    p_lower = p_table[top_count]
+    p_upper = 1.0 - p_lower
   labels = np.where(levels >= 0, top, ABSTAIN)
-  p_lower = p_table[top_count]
-  return top, top_count, runner_up, labels, levels, p_lower, 1.0 - p_lower
+  return top, top_count, runner_up, labels, levels, p_lower, p_upper
 
 
 def _certify_partition(counts, num_models):
-  """Disjoint groups: m* = floor((N_y - max_{c != y}(N_c + [c < y])) / 2)."""
+  """Disjoint groups: a malicious client moves at most one vote, so
+  m* = floor(min_c (N_y - N_c - [c < y]) / 2)."""
   top = np.argmax(counts, axis=1)  # ties toward the smaller label
   top_count, runner_up = _top_two(counts, top)
-  num_classes = counts.shape[1]
-  # A flipped model moves one vote; a tie is lost to a smaller label.
-  handicap = (np.arange(num_classes)[None, :] < top[:, None]).astype(np.int64)
-  rivals = counts + handicap
-  rivals[np.arange(counts.shape[0]), top] = np.iinfo(np.int64).min
-  margin = top_count - rivals.max(axis=1)  # >= 0 by choice of top
-  levels = (margin // 2).astype(np.int64)
+  levels = _margins(counts, top).min(axis=1) // 2
   return (top, top_count, runner_up, top.copy(), levels,
+          top_count / num_models, runner_up / num_models)
+
+
+def _check_subsets(subsets, num_models: int, n: int) -> np.ndarray:
+  """Validates int [N, s] client subsets (-1 pads); returns them as numpy."""
+  subsets = as_array("subsets", subsets)
+  if subsets.ndim != 2 or subsets.shape[0] != num_models:
+    raise ValueError(f"subsets must be int [N={num_models}, s] (one row per "
+                     f"model), got shape {subsets.shape}")
+  if not np.issubdtype(subsets.dtype, np.integer):
+    raise ValueError(f"subsets must have an integer dtype, got {subsets.dtype}")
+  if subsets.size and (subsets.min() < -1 or subsets.max() >= n):
+    raise ValueError(f"subsets must hold client ids in [0, n={n}) and -1 "
+                     f"pads, found values in [{subsets.min()}, {subsets.max()}]")
+  ordered = np.sort(subsets, axis=1)
+  if np.any((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)):
+    raise ValueError("subsets has a client listed twice in one model's row")
+  return subsets.astype(np.int64)
+
+
+# (inputs x labels x clients) cells per block of the deterministic mode.
+_DETERMINISTIC_BLOCK_CELLS = 2**23
+
+
+def _certify_deterministic(preds, counts, subsets, n):
+  """The deployed vote of models trained on arbitrary client subsets.
+
+  Against rival c, a touched model costs the margin N_y - N_c - [c < y] 2 if
+  it voted y, 1 if it voted neither y nor c, 0 if it voted c; a malicious
+  set S costs at most the total cost of the models it touches. Two upper
+  bounds on that cost, both nondecreasing in |S| = m, so the level is
+  min over c of the largest m either one certifies:
+
+  * per client: the sum of the m largest per-client costs (a client's cost
+    is the sum over its models; shared models are counted more than once);
+  * per model: 2 x (the number of models the m clients of largest degree
+    can touch, at most the sum of their degrees).
+
+  On disjoint groups the second is exactly the partition level.
+  """
+  num_models, d = preds.shape
+  num_classes = counts.shape[1]
+  top = np.argmax(counts, axis=1)  # ties toward the smaller label
+  top_count, runner_up = _top_two(counts, top)
+  margins = _margins(counts, top)  # [d, K], >= 0
+  rows, slots = np.nonzero(subsets >= 0)
+  clients = subsets[rows, slots]
+  incidence = np.zeros((n, num_models), np.float32)  # exact: entries 0/1
+  incidence[clients, rows] = 1.0
+  degree = incidence.sum(axis=1).astype(np.int64)  # models per client
+  # Per-model bound: the m highest-degree clients touch <= D_m models.
+  touched = np.cumsum(np.sort(degree)[::-1])
+  by_models = np.searchsorted(touched, margins // 2, side="right")
+  by_clients = np.empty((d, num_classes), np.int64)
+  block = max(1, _DETERMINISTIC_BLOCK_CELLS // (num_classes * n))
+  for start in range(0, d, block):
+    stop = min(d, start + block)
+    t = np.arange(start, stop)
+    onehot = np.zeros((num_models, stop - start, num_classes), np.float32)
+    onehot[np.arange(num_models)[:, None], t[None, :] - start, preds[:, t]] = 1
+    # votes[i, t, c] = number of client i's models that vote c on input t;
+    # float32 sums of at most N ones are exact for N < 2**24.
+    votes = (incidence @ onehot.reshape(num_models, -1)).reshape(
+        n, stop - start, num_classes).astype(np.int32)
+    for_top = votes[:, np.arange(stop - start), top[t]]  # [n, b]
+    # cost[t, c, i] = 2*for_top + (degree - for_top - votes_c) - 0 * votes_c
+    cost = (for_top + degree[:, None])[:, :, None] - votes
+    cost = np.sort(cost.transpose(1, 2, 0), axis=-1)[..., ::-1]
+    spent = np.cumsum(cost, axis=-1)
+    by_clients[start:stop] = np.sum(spent <= margins[start:stop, :, None],
+                                    axis=-1)
+  levels = np.maximum(by_clients, by_models).min(axis=1)
+  return (top, top_count, runner_up, top.copy(), np.minimum(levels, n),
           top_count / num_models, runner_up / num_models)
 
 
 def certify(predictions, *, num_classes: int, n: Optional[int] = None,
             k: Optional[int] = None, alpha: Optional[float] = None,
             mode: str = "monte_carlo", seed: int = 0,
-            selection_correction: bool = True) -> Certificate:
+            selection_correction: bool = True, bound: str = "complement",
+            subsets=None) -> Certificate:
   """Predicted labels and certified security levels of an ensemble.
 
   Args:
     predictions: int [N, d] (numpy or jax): label of each of the N global
       models on each of the d test inputs, in [0, num_classes).
     num_classes: number of labels, >= 2.
-    n: number of clients (exact and Monte Carlo modes).
+    n: number of clients (exact, Monte Carlo and deterministic modes).
     k: subsample size, 1 <= k <= n (exact and Monte Carlo modes).
     alpha: in (0, 1); the levels of all d inputs hold simultaneously with
       probability >= 1 - alpha (Monte Carlo mode only).
     mode: "exact" (N must be C(n, k): one model per subset), "monte_carlo"
-      (N independent subsets, Algorithm 2) or "partition" (N disjoint client
-      groups; n, k, alpha ignored).
+      (N independent subsets, Algorithm 2: certifies the idealised ensemble
+      with probability 1 - alpha), "partition" (N disjoint client groups; n,
+      k, alpha ignored) or "deterministic" (any `subsets`: certifies the
+      deployed vote). `Certificate.guarantee` says what each one proves.
     seed: seeds the uniform tie-break among equal top counts (Monte Carlo).
     selection_correction: Monte Carlo mode only. True (default): bound each
       input at alpha / (2d), which accounts for the top label being selected
       from the same votes it is bounded with, so the 1 - alpha guarantee
       holds (see the module docstring). False: the paper's Algorithm 2 as
-      printed (alpha / d), whose error can reach 2 * alpha.
+      printed (alpha / d), whose error can exceed alpha.
+    bound: Monte Carlo mode only. "complement" (default, the paper's):
+      p_upper = 1 - p_lower. "top_two": p_upper = min(1 - p_lower, the
+      runner-up's own Clopper-Pearson upper bound), every one of the 2K
+      one-sided bounds at alpha / (2Kd); needs selection_correction=True.
+    subsets: deterministic mode only: int [N, s] client ids of each model
+      (-1 pads), e.g. `SubsamplePlan.subsets`.
 
   Returns:
     A `Certificate` with int64 [d] labels (-1 = ABSTAIN) and levels (-1 =
     not certified).
 
   Raises:
-    ValueError: on a malformed tensor, an unknown mode, or bad n, k, alpha.
+    ValueError: on a malformed tensor or subsets, an unknown mode or bound,
+      or bad n, k, alpha.
   """
   if not isinstance(mode, str) or mode not in MODES:
     raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+  if not isinstance(bound, str) or bound not in BOUNDS:
+    raise ValueError(f"unknown bound {bound!r}; expected one of {BOUNDS}")
+  if not isinstance(selection_correction, (bool, np.bool_)):
+    raise ValueError(f"selection_correction must be True or False, got "
+                     f"{selection_correction!r}")
+  selection_correction = bool(selection_correction)
   if seed is not None:
     seed = _check_int("seed", seed, 0)
   preds, num_classes = _check_predictions(predictions, num_classes)
   num_models = preds.shape[0]
+  if mode != "deterministic" and subsets is not None:
+    raise ValueError(f"subsets are used in deterministic mode only, not in "
+                     f"{mode!r} mode")
+  if mode != "monte_carlo" and bound != "complement":
+    raise ValueError("bound applies to monte_carlo mode only")
   if mode == "exact":
     n, k = _check_n_k(n, k)
     if num_models != math.comb(n, k):
@@ -512,6 +723,15 @@ def certify(predictions, *, num_classes: int, n: Optional[int] = None,
   elif mode == "monte_carlo":
     n, k = _check_n_k(n, k)
     alpha = _check_alpha(alpha)
+    if bound == "top_two" and not selection_correction:
+      raise ValueError("bound='top_two' holds with the selection correction "
+                       "only (selection_correction=True)")
+  elif mode == "deterministic":
+    if n is None or subsets is None:
+      raise ValueError("deterministic mode needs n and subsets")
+    n = _check_int("n", n, 1)
+    subsets = _check_subsets(subsets, num_models, n)
+    k = alpha = None
   else:
     n = k = alpha = None
   counts = vote_counts(preds, num_classes)
@@ -519,7 +739,9 @@ def certify(predictions, *, num_classes: int, n: Optional[int] = None,
     out = _certify_exact(counts, n, k)
   elif mode == "monte_carlo":
     out = _certify_monte_carlo(counts, n, k, alpha, num_models, seed,
-                               bool(selection_correction))
+                               selection_correction, bound)
+  elif mode == "deterministic":
+    out = _certify_deterministic(preds, counts, subsets, n)
   else:
     out = _certify_partition(counts, num_models)
   top, top_count, runner_up, labels, levels, p_lower, p_upper = out
@@ -535,11 +757,12 @@ def certify(predictions, *, num_classes: int, n: Optional[int] = None,
   )
   for a in arrays.values():
     a.setflags(write=False)  # a frozen certificate should stay frozen
+  monte_carlo = mode == "monte_carlo"
   return Certificate(mode=mode, n=n, k=k, alpha=alpha, num_models=num_models,
                      num_classes=num_classes,
-                     selection_correction=(bool(selection_correction)
-                                           if mode == "monte_carlo" else None),
-                     **arrays)
+                     selection_correction=(selection_correction
+                                           if monte_carlo else None),
+                     bound=bound if monte_carlo else None, **arrays)
 
 
 # ---------------------------------------------------------------------------

@@ -87,6 +87,32 @@ def exact_binomial_upper_tail(p, num_models, count):
   return Fraction(total, b**num_models)
 
 
+def brute_force_level(votes, subsets, n, num_classes):
+  """True robustness of one input's deployed vote, by exhaustion.
+
+  votes: int [N], each model's label; subsets: N client-id tuples (-1 pads
+  ignored). The vote (ties toward the smaller label) keeps its label y under a
+  malicious set S iff for every rival c, with all models S touches voting c,
+  N'_y - N'_c - [c < y] >= 0. Returns the largest m such that every S with
+  |S| <= m keeps it (n if all do).
+  """
+  votes = np.asarray(votes)
+  counts = np.bincount(votes, minlength=num_classes)
+  y = int(np.argmax(counts))
+  members = [frozenset(int(i) for i in row if i >= 0) for row in subsets]
+  for m in range(1, n + 1):
+    for malicious in itertools.combinations(range(n), m):
+      touched = [j for j, mem in enumerate(members) if mem & set(malicious)]
+      for c in range(num_classes):
+        if c == y:
+          continue
+        lost = sum(votes[j] == y for j in touched)
+        gained = sum(votes[j] != c for j in touched)
+        if (counts[y] - lost) - (counts[c] + gained) - (c < y) < 0:
+          return m - 1
+  return n
+
+
 # ---------------------------------------------------------------------------
 # certified_level.
 
@@ -221,6 +247,18 @@ def test_paper_ceiling_har_exact():
 # Exact mode.
 
 
+def ref_exact_level(counts_row, n, k):
+  """Largest m with min_c (c_y - c_c - [c < y]) >= 2*(C(n,k) - C(n-m,k)), by
+  linear scan, y the first maximum (the vote's smaller-label tie rule)."""
+  counts_row = [int(v) for v in counts_row]
+  y = counts_row.index(max(counts_row))
+  margin = min(counts_row[y] - v - (c < y)
+               for c, v in enumerate(counts_row) if c != y)
+  total = math.comb(n, k)
+  return max(m for m in range(n - k + 1)
+             if margin >= 2 * (total - math.comb(n - m, k)))
+
+
 @pytest.mark.parametrize("n,k,num_classes,seed", [
     (30, 2, 6, 0), (8, 3, 3, 1), (6, 6, 2, 2), (10, 1, 4, 3), (7, 4, 5, 4),
 ])
@@ -235,17 +273,30 @@ def test_exact_mode_matches_reference(n, k, num_classes, seed):
   c = cert.certify(preds, num_classes=num_classes, n=n, k=k, mode="exact")
   for t in range(preds.shape[1]):
     counts = np.bincount(preds[:, t], minlength=num_classes)
-    top, cy, cz, tied = ref_vote(counts)
+    top, cy, cz, _ = ref_vote(counts)
     np.testing.assert_array_equal(c.counts[t], counts)
     assert c.top_labels[t] == top
     assert (c.top_count[t], c.runner_up_count[t]) == (cy, cz)
-    if tied:
-      assert (c.labels[t], c.levels[t]) == (-1, -1)
-    else:
-      want = ref_level(Fraction(cy, num_models), Fraction(cz, num_models), n,
-                       k)
-      assert (c.labels[t], c.levels[t]) == (top, want)
-  assert len(set(c.levels.tolist())) > 1 or n == k
+    # No abstention: a tie goes to the smaller label, as in the vote.
+    assert (c.labels[t], c.levels[t]) == (top, ref_exact_level(counts, n, k))
+  total = math.comb(n, k)
+  assert len(set(c.levels.tolist())) > 1 or 2 * (
+      total - math.comb(n - 1, k)) > total  # (else no input can reach m = 1)
+
+
+@pytest.mark.parametrize("n,k,num_classes", [(6, 2, 3), (5, 3, 2), (7, 2, 4)])
+def test_exact_mode_is_sound_by_brute_force(n, k, num_classes):
+  # Every malicious set of size <= level, every rival c, the touched models
+  # all switched to c: the vote keeps its label.
+  rng = np.random.default_rng(n * 10 + k)
+  subsets = list(itertools.combinations(range(n), k))
+  preds = random_predictions(rng, len(subsets), 40, num_classes, 2.0)
+  preds[:, 0] = 1  # unanimous: Theorem 2 says the level is then tight
+  c = cert.certify(preds, num_classes=num_classes, n=n, k=k, mode="exact")
+  truth = [brute_force_level(preds[:, t], subsets, n, num_classes)
+           for t in range(preds.shape[1])]
+  assert np.all(c.levels <= truth)
+  assert c.levels[0] == truth[0]
 
 
 def test_exact_mode_accepts_jax_arrays():
@@ -565,6 +616,168 @@ def test_partition_ignores_n_k_alpha():
 
 
 # ---------------------------------------------------------------------------
+# Deterministic mode (any plan).
+
+
+def random_subsets(rng, n, num_models, max_size):
+  """int [N, max_size]: random distinct ids per row, -1 pads, any overlap."""
+  out = np.full((num_models, max_size), -1, np.int64)
+  for j in range(num_models):
+    size = int(rng.integers(1, max_size + 1))
+    out[j, :size] = np.sort(rng.choice(n, size, replace=False))
+  return out
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_deterministic_is_sound_by_brute_force(seed):
+  rng = np.random.default_rng(seed)
+  n = int(rng.integers(3, 7))
+  num_models = int(rng.integers(1, 9))
+  num_classes = int(rng.integers(2, 4))
+  subsets = random_subsets(rng, n, num_models, int(rng.integers(1, n + 1)))
+  preds = random_predictions(rng, num_models, 15, num_classes, 1.0)
+  c = cert.certify(preds, num_classes=num_classes, n=n, mode="deterministic",
+                   subsets=subsets)
+  truth = [brute_force_level(preds[:, t], subsets, n, num_classes)
+           for t in range(preds.shape[1])]
+  assert np.all(c.levels <= truth), (c.levels, truth)
+  assert np.all(c.levels >= 0) and np.all(c.labels == c.top_labels)
+  np.testing.assert_array_equal(c.top_labels, [ref_vote(np.bincount(
+      preds[:, t], minlength=num_classes))[0] for t in range(preds.shape[1])])
+
+
+@pytest.mark.parametrize("n,num_models,replicas,seed", [
+    (30, 6, 1, 0), (50, 12, 1, 1), (10, 10, 1, 2), (40, 8, 2, 3), (60, 15, 3, 4),
+])
+def test_deterministic_on_partitions(n, num_models, replicas, seed):
+  from ensemble_fl import ensemble  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  plan = ensemble.make_plan("partition", n=n, num_models=num_models,
+                            replicas=replicas, seed=seed)
+  preds = random_predictions(rng, num_models, 400, 4, 0.5)
+  det = cert.certify(preds, num_classes=4, n=n, mode="deterministic",
+                     subsets=plan.subsets)
+  part = cert.certify(preds, num_classes=4, mode="partition")
+  if replicas == 1:  # disjoint: exactly the partition level
+    np.testing.assert_array_equal(det.levels, part.levels)
+  else:  # each client is in `replicas` models, so m clients touch <= s*m
+    assert np.all(det.levels >= part.levels // replicas)
+    assert np.any(det.levels > 0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_deterministic_on_replicated_partitions_is_sound(seed):
+  from ensemble_fl import ensemble  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  plan = ensemble.make_plan("partition", n=7, num_models=6, replicas=2,
+                            seed=seed)
+  preds = random_predictions(rng, 6, 25, 3, 1.0)
+  det = cert.certify(preds, num_classes=3, n=7, mode="deterministic",
+                     subsets=plan.subsets)
+  truth = [brute_force_level(preds[:, t], plan.subsets, 7, 3)
+           for t in range(25)]
+  assert np.all(det.levels <= truth)
+
+
+@pytest.mark.parametrize("n,k", [(6, 2), (5, 3)])
+def test_deterministic_on_the_exact_plan_is_sound(n, k):
+  rng = np.random.default_rng(n + k)
+  subsets = np.array(list(itertools.combinations(range(n), k)))
+  preds = random_predictions(rng, len(subsets), 30, 3, 1.0)
+  preds[:, 0] = 2
+  det = cert.certify(preds, num_classes=3, n=n, mode="deterministic",
+                     subsets=subsets)
+  truth = [brute_force_level(preds[:, t], subsets, n, 3) for t in range(30)]
+  assert np.all(det.levels <= truth)
+  # Unanimous: the per-model bound D_m = m * C(n-1, k-1) <= N/2.
+  assert det.levels[0] == max(m for m in range(n + 1)
+                              if m * math.comb(n - 1, k - 1) <= len(subsets) // 2)
+
+
+@pytest.mark.parametrize("subsets,match", [
+    (np.zeros((3, 2), np.int64), "twice"),
+    (np.zeros((4, 2), np.int64), "one row per model"),
+    (np.full((3, 2), 7), r"\[0, n=5\)"),
+    (np.zeros((3, 2), np.float32), "integer"),
+    (None, "needs n and subsets"),
+])
+def test_deterministic_rejects_bad_subsets(subsets, match):
+  with pytest.raises(ValueError, match=match):
+    cert.certify(np.zeros((3, 4), np.int32), num_classes=2, n=5,
+                 mode="deterministic", subsets=subsets)
+
+
+def test_guarantee_says_what_is_certified():
+  preds = np.zeros((6, 2), np.int32)
+  mc = cert.certify(preds, num_classes=2, n=10, k=2, alpha=0.01)
+  assert "idealised ensemble" in mc.guarantee and "0.01" in mc.guarantee
+  for mode, kw in (("partition", {}), ("exact", dict(n=4, k=2)),
+                   ("deterministic", dict(n=4, subsets=np.arange(12).reshape(
+                       6, 2) % 4))):
+    if mode == "deterministic":
+      kw["subsets"] = np.array([[0, 1], [2, 3], [0, 2], [1, 3], [0, 3],
+                                [1, 2]])
+    c = cert.certify(preds, num_classes=2, mode=mode, **kw)
+    assert "deployed majority vote" in c.guarantee, mode
+
+
+# ---------------------------------------------------------------------------
+# The sharper Monte Carlo bound.
+
+
+def test_top_two_is_sound_in_simulation():
+  # Spread-out votes (where the runner-up's own bound helps) and boundary
+  # inputs; the fraction of runs with any over-certified input stays <= alpha.
+  alpha, num_models, reps = 0.2, 200, 400
+  probs_frac = [[Fraction(6, 10), Fraction(1, 10), Fraction(1, 10),
+                 Fraction(1, 10), Fraction(1, 10)],
+                [Fraction(4, 10), Fraction(15, 100), Fraction(15, 100),
+                 Fraction(15, 100), Fraction(15, 100)],
+                [Fraction(1, 5)] * 5]
+  d = len(probs_frac)
+  probs = np.array([[float(q) for q in row] for row in probs_frac])
+  true = np.array([_true_levels(row) for row in probs_frac])
+  rng = np.random.default_rng(7)
+  failures, certified, gain = 0, 0, 0
+  for r in range(reps):
+    preds = predictions_from_probs(rng, probs, num_models)
+    c = cert.certify(preds, num_classes=5, n=SOUND_N, k=SOUND_K, alpha=alpha,
+                     seed=r, bound="top_two")
+    base = cert.certify(preds, num_classes=5, n=SOUND_N, k=SOUND_K,
+                        alpha=alpha, seed=r)
+    ok = c.labels >= 0
+    allowed = true[np.arange(d), np.where(ok, c.labels, 0)]
+    failures += bool(np.any(ok & (c.levels > allowed)))
+    certified += int(ok.sum())
+    gain += int(np.sum(c.levels > base.levels))
+  assert failures / reps <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / reps)
+  assert certified > 0 and gain > 0  # not vacuous, and sharper somewhere
+
+
+def test_top_two_reference_and_never_unsound_bound():
+  rng = np.random.default_rng(11)
+  preds = random_predictions(rng, 300, 200, 6, 0.4)
+  alpha = 0.05
+  c = cert.certify(preds, num_classes=6, n=1000, k=10, alpha=alpha,
+                   bound="top_two", seed=3)
+  beta = alpha / 200 / (2 * 6)
+  for t in range(200):
+    ny, nz = int(c.top_count[t]), int(c.runner_up_count[t])
+    pl = Fraction(float(stats.beta.ppf(beta, ny, 300 - ny + 1))) if ny else 0
+    pu = min(1 - pl, Fraction(float(stats.beta.ppf(1 - beta, nz + 1,
+                                                   300 - nz))) if nz < 300
+             else Fraction(1))
+    want = ref_level(pl, pu, 1000, 10) if pl > pu else -1
+    # scipy's float quantiles can sit a hair on either side of the module's
+    # (which are pushed to the safe side by 1e-10): allow one level.
+    assert want - 1 <= c.levels[t] <= want, (t, c.levels[t], want)
+  assert c.bound == "top_two"
+  with pytest.raises(ValueError, match="selection correction"):
+    cert.certify(preds, num_classes=6, n=1000, k=10, alpha=alpha,
+                 bound="top_two", selection_correction=False)
+
+
+# ---------------------------------------------------------------------------
 # certified_accuracy.
 
 
@@ -585,11 +798,12 @@ def test_certified_accuracy_matches_numpy(mode, seed):
 
 
 def test_certified_accuracy_counts_abstains_wrong():
-  preds = np.array([[0, 1, 2], [0, 1, 1], [0, 2, 0], [0, 2, 2]], np.int32)
-  # Input 0: unanimous; input 1: 2-2 tie -> abstain; input 2: 2-1-1.
-  c = cert.certify(preds, num_classes=3, n=4, k=3, mode="exact")
-  assert c.labels[1] == -1
-  ca0 = cert.certified_accuracy(c, np.array([0, 1, 2]), [0])[0]
+  preds = np.zeros((50, 3), np.int32)
+  preds[:25, 1] = 1  # input 1: a 25-25 tie, which Monte Carlo mode abstains on
+  preds[:5, 2] = 2
+  c = cert.certify(preds, num_classes=3, n=100, k=3, alpha=0.01)
+  np.testing.assert_array_equal(c.labels >= 0, [True, False, True])
+  ca0 = cert.certified_accuracy(c, np.array([0, 1, 0]), [0])[0]
   assert ca0 == pytest.approx(2 / 3)
   # A truth of -1 (the ABSTAIN code) or >= C is an error, not a label.
   for bad in (-1, 3):
