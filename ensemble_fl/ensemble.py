@@ -8,16 +8,16 @@ compiled once; each chunk's model axis is sharded over every available device
 program. :func:`predict` evaluates the stacked models the same way.
 
 Keys. A model's key ``K`` yields its init key ``fold_in(K, 0)`` and its
-training key ``fold_in(K, 1)``.
-
-- exact / partition: ``K = fold_in(... fold_in(PRNGKey(seed), i_1) ..., i_s)``
-  over the subset's *sorted* real ids, so a subset always yields the same model
-  whatever else is in the plan or in the data (the theorem's "A is a function
-  of the subset").
-- monte_carlo: model ``j``'s subset is drawn with ``fold_in(fold_in(PRNGKey(
-  seed), 0), j)`` and its key is ``fold_in(fold_in(PRNGKey(seed), 1), j)``:
-  independent across models, and the first N models of a plan do not depend
-  on N (a plan with N=100 is a prefix of the one with N=500).
+training key ``fold_in(K, 1)``. In every mode ``K = fold_in(... fold_in(
+PRNGKey(seed), i_1) ..., i_s)`` over the subset's *sorted* real ids, so a
+subset always yields the same model whatever else is in the plan or in the
+data (the theorem's "A is a function of the subset"). In Monte Carlo mode
+model ``j``'s subset is drawn with ``fold_in(fold_in(PRNGKey(seed), 0), j)``:
+subsets are independent across models, the first N models of a plan do not
+depend on N (a plan with N=100 is a prefix of the one with N=500), a subset
+drawn twice is the same model twice, and every Monte Carlo model is bit for
+bit its exact-mode twin, so each label's vote probability is a multiple of
+1 / C(n, k), as the certificate's rounding assumes.
 
 Execution. The client data go to the devices once per run (replicated); a
 chunk's inputs are only its keys and subsets, and everything else (init,
@@ -84,6 +84,8 @@ class SubsamplePlan:
     keys: uint32 ``[N, 2]``, raw (threefry) PRNG key data of each model.
     n: number of clients.
     k: subsample size (None in partition mode).
+    replicas: partition mode: the number of independent partitions (rows
+      ``[r*N/s, (r+1)*N/s)`` are replica r); 1 otherwise.
   """
 
   mode: str
@@ -91,6 +93,7 @@ class SubsamplePlan:
   keys: np.ndarray
   n: int
   k: int | None
+  replicas: int = 1
 
   @property
   def num_models(self) -> int:
@@ -112,15 +115,14 @@ def _subset_keys(root: jax.Array, subsets: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _monte_carlo_draws(root: jax.Array, n: int, k: int, num: int):
-  """Model j: k ids without replacement with ``fold_in(fold_in(root, 0), j)``;
-  key ``fold_in(fold_in(root, 1), j)``. Returns (int32 [num, k], uint32 [num, 2])."""
+def _monte_carlo_draws(root: jax.Array, n: int, k: int, num: int) -> jax.Array:
+  """int32 ``[num, k]``: model j's k ids, without replacement, drawn with
+  ``fold_in(fold_in(root, 0), j)``."""
   subset_root = jax.random.fold_in(root, 0)
-  key_root = jax.random.fold_in(root, 1)
 
   def draw(j):
     ids = jax.random.choice(jax.random.fold_in(subset_root, j), n, (k,), replace=False)
-    return ids.astype(jnp.int32), jax.random.fold_in(key_root, j)
+    return ids.astype(jnp.int32)
 
   return jax.vmap(draw)(jnp.arange(num))
 
@@ -151,7 +153,7 @@ def partition_hash(client_ids: np.ndarray, seed: int) -> np.ndarray:
 
 
 def make_plan(mode: str, *, n: int, k: int | None = None, num_models: int | None = None,
-              seed: int = 0) -> SubsamplePlan:
+              seed: int = 0, replicas: int = 1) -> SubsamplePlan:
   """Builds the subsets and keys of every model.
 
   Args:
@@ -161,20 +163,26 @@ def make_plan(mode: str, *, n: int, k: int | None = None, num_models: int | None
         given, must be >= C(n, k) and is otherwise ignored.
       "monte_carlo": ``num_models`` subsets, each k distinct ids drawn
         uniformly without replacement, independently (subsets may recur).
-      "partition": ``num_models`` disjoint groups covering all n clients.
-        Clients are sorted by :func:`partition_hash` and dealt round-robin,
-        so group sizes differ by at most one; needs ``num_models <= n``.
+      "partition": ``replicas`` independent partitions of all n clients,
+        each into ``num_models / replicas`` disjoint groups (rows
+        ``[r*N/s, (r+1)*N/s)`` are replica r), so every client is in exactly
+        ``replicas`` models. Replica r sorts the clients by
+        :func:`partition_hash` with its own seed and deals them round-robin,
+        so group sizes differ by at most one; ``replicas=1`` is the plain
+        partition. Needs N divisible by ``replicas`` and ``N / replicas <= n``.
     n: number of clients, >= 1.
     k: subsample size in ``[1, n]`` (exact, monte_carlo).
     num_models: N (monte_carlo, partition).
     seed: integer seed; everything is a deterministic function of it.
+    replicas: partition mode: number of independent partitions, >= 1.
 
   Returns:
     :class:`SubsamplePlan`.
 
   Raises:
     ValueError: unknown mode, k outside [1, n], N < 1, too many exact subsets,
-      or more partition groups than clients.
+      more partition groups than clients, or replicas outside partition mode
+      or not dividing N.
   """
   n = _check_pos_int("n", n)
   if n > MAX_CLIENTS:
@@ -186,6 +194,10 @@ def make_plan(mode: str, *, n: int, k: int | None = None, num_models: int | None
     raise ValueError(f"seed must fit in int64, got {seed}")
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  replicas = _check_pos_int("replicas", replicas)
+  if replicas != 1 and mode != "partition":
+    raise ValueError(f"replicas apply to partition mode only, got replicas = {replicas} in "
+                     f"{mode} mode")
   root = _root_key(seed)
 
   if mode in ("exact", "monte_carlo"):
@@ -206,31 +218,39 @@ def make_plan(mode: str, *, n: int, k: int | None = None, num_models: int | None
           f"exact mode trains all C({n}, {k}) = {total} subsets but num_models = {num_models}; "
           "use monte_carlo for fewer models")
     subsets = _all_combinations(n, k)
-    keys = np.asarray(_subset_keys(root, jnp.asarray(subsets)))
-    return SubsamplePlan("exact", subsets, keys.astype(np.uint32), n, k)
+  else:
+    if num_models is None:
+      raise ValueError(f"num_models is required in {mode} mode")
+    num = _check_pos_int("num_models", num_models)
+    if mode == "monte_carlo":
+      subsets = np.sort(np.asarray(_monte_carlo_draws(root, n, k, num)), axis=1)
+    else:
+      subsets = _replicated_partition(n, num, replicas, seed)
+  keys = np.asarray(_subset_keys(root, jnp.asarray(subsets, jnp.int32)))
+  return SubsamplePlan(mode, subsets.astype(np.int32), keys.astype(np.uint32), n,
+                       None if mode == "partition" else k, replicas)
 
-  if num_models is None:
-    raise ValueError(f"num_models is required in {mode} mode")
-  num = _check_pos_int("num_models", num_models)
 
-  if mode == "monte_carlo":
-    subsets, keys = _monte_carlo_draws(root, n, k, num)
-    subsets = np.sort(np.asarray(subsets), axis=1).astype(np.int32)
-    keys = np.asarray(keys)
-    return SubsamplePlan("monte_carlo", subsets, keys.astype(np.uint32), n, k)
-
-  # partition
-  if num > n:
+def _replicated_partition(n: int, num_models: int, replicas: int, seed: int) -> np.ndarray:
+  """int32 ``[N, ceil(n / (N / replicas))]``: ``replicas`` partitions of ``range(n)``."""
+  if num_models % replicas:
+    raise ValueError(f"num_models = {num_models} must be divisible by replicas = {replicas}")
+  groups = num_models // replicas
+  if groups > n:
     raise ValueError(
-        f"partition mode needs num_models <= n so every group is non-empty; got {num} > {n}")
-  order = np.argsort(partition_hash(np.arange(n), seed), kind="stable")
-  width = -(-n // num)
-  subsets = np.full((num, width), -1, np.int32)
-  for g in range(num):
-    members = np.sort(order[g::num])
-    subsets[g, : members.size] = members
-  keys = np.asarray(_subset_keys(root, jnp.asarray(subsets)))
-  return SubsamplePlan("partition", subsets, keys.astype(np.uint32), n, None)
+        f"partition mode needs num_models / replicas <= n so every group is non-empty; got "
+        f"{groups} > {n}")
+  width = -(-n // groups)
+  subsets = np.full((num_models, width), -1, np.int32)
+  for r in range(replicas):
+    # Replica 0 keeps the plain partition's hash seed; the others get their
+    # own, distinct 32-bit seeds (the hash reads the low 32 bits).
+    order = np.argsort(partition_hash(np.arange(n), (seed + r * 0x9E3779B9) & 0xFFFFFFFF),
+                       kind="stable")
+    for g in range(groups):
+      members = np.sort(order[g::groups])
+      subsets[r * groups + g, : members.size] = members
+  return subsets
 
 
 def _all_combinations(n: int, k: int) -> np.ndarray:

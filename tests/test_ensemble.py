@@ -97,7 +97,10 @@ def test_monte_carlo_plan():
   assert np.all((plan.subsets >= 0) & (plan.subsets < 20))
   assert all(len(set(row)) == 5 for row in plan.subsets.tolist())
   assert np.all(np.diff(plan.subsets, axis=1) > 0)  # sorted, distinct
-  assert len({tuple(key) for key in plan.keys.tolist()}) == 300
+  # One key per distinct subset: a subset drawn twice is the same model.
+  pairs = {(tuple(s), tuple(key)) for s, key in zip(plan.subsets.tolist(), plan.keys.tolist())}
+  assert len(pairs) == len({tuple(s) for s in plan.subsets.tolist()})
+  assert len({key for _, key in pairs}) == len(pairs)
   # Uniform-ish: every client appears about 300 * 5 / 20 = 75 times.
   counts = np.bincount(plan.subsets.ravel(), minlength=20)
   assert counts.min() > 40 and counts.max() < 115
@@ -115,6 +118,53 @@ def test_monte_carlo_subsets_recur_when_space_is_small():
   # Independent draws: with C(4,2) = 6 subsets and 50 models, repeats are certain.
   plan = ensemble.make_plan("monte_carlo", n=4, k=2, num_models=50, seed=0)
   assert len({tuple(r) for r in plan.subsets.tolist()}) <= 6
+
+
+@pytest.mark.parametrize("n,k,seed", [(4, 2, 0), (30, 2, 1), (7, 3, 5)])
+def test_monte_carlo_model_is_its_exact_twin(n, k, seed):
+  # The certificate rounds p_y to a multiple of 1 / C(n, k); that holds only if
+  # a Monte Carlo model is the model exact mode trains for the same subset.
+  mc = ensemble.make_plan("monte_carlo", n=n, k=k, num_models=200, seed=seed)
+  exact = ensemble.make_plan("exact", n=n, k=k, seed=seed)
+  twin = {tuple(s): tuple(key) for s, key in zip(exact.subsets.tolist(), exact.keys.tolist())}
+  for subset, key in zip(mc.subsets.tolist(), mc.keys.tolist()):
+    assert tuple(key) == twin[tuple(subset)]
+
+
+def test_monte_carlo_models_equal_their_exact_twins_bit_for_bit(clients):
+  mc = ensemble.make_plan("monte_carlo", n=6, k=2, num_models=9, seed=1)
+  exact = ensemble.make_plan("exact", n=6, k=2, seed=1)
+  row = {tuple(s): i for i, s in enumerate(exact.subsets.tolist())}
+  assert len({tuple(s) for s in mc.subsets.tolist()}) < 9  # a subset recurs
+  got = ensemble.train_ensemble(init_fn, apply_fn, clients, mc, CONFIG, chunk_size=3)
+  want = ensemble.train_ensemble(init_fn, apply_fn, clients, exact, CONFIG, chunk_size=3)
+  pick = np.array([row[tuple(s)] for s in mc.subsets.tolist()])
+  for a, b in zip(leaves(got), leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b)[pick])
+
+
+@pytest.mark.parametrize("n,num,replicas", [(20, 8, 2), (1000, 500, 5), (7, 21, 3), (9, 4, 4)])
+def test_replicated_partition_plan(n, num, replicas):
+  plan = ensemble.make_plan("partition", n=n, num_models=num, replicas=replicas, seed=7)
+  assert plan.replicas == replicas and plan.num_models == num and plan.k is None
+  groups = num // replicas
+  for r in range(replicas):
+    block = plan.subsets[r * groups:(r + 1) * groups]
+    real = block[block >= 0]
+    assert sorted(real.tolist()) == list(range(n))  # each replica partitions all clients
+    sizes = np.sum(block >= 0, axis=1)
+    assert sizes.min() >= 1 and sizes.max() - sizes.min() <= 1
+  # Every client is in exactly `replicas` models.
+  np.testing.assert_array_equal(np.bincount(plan.subsets[plan.subsets >= 0], minlength=n),
+                                np.full(n, replicas))
+  # Replica 0 is the plain partition; the replicas differ from one another.
+  plain = ensemble.make_plan("partition", n=n, num_models=groups, seed=7)
+  np.testing.assert_array_equal(plan.subsets[:groups], plain.subsets)
+  np.testing.assert_array_equal(plan.keys[:groups], plain.keys)
+  if 1 < groups < n:
+    blocks = [frozenset(map(tuple, plan.subsets[r * groups:(r + 1) * groups].tolist()))
+              for r in range(replicas)]
+    assert len(set(blocks)) == replicas
 
 
 @pytest.mark.parametrize("n,num", [(10, 3), (6, 6), (7, 1), (1000, 500)])
@@ -150,6 +200,10 @@ def test_partition_hash_is_the_documented_splitmix64():
     (dict(mode="exact", n=5, k=2, num_models=4), "num_models"),
     (dict(mode="exact", n=1000, k=10), "monte_carlo"),
     (dict(mode="partition", n=3, num_models=4), "non-empty"),
+    (dict(mode="partition", n=10, num_models=9, replicas=2), "divisible"),
+    (dict(mode="partition", n=3, num_models=8, replicas=2), "non-empty"),
+    (dict(mode="monte_carlo", n=5, k=2, num_models=4, replicas=2), "partition mode only"),
+    (dict(mode="partition", n=5, num_models=4, replicas=0), "replicas"),
     (dict(mode="bagging", n=5, k=2), "mode"),
     (dict(mode="exact", n=0, k=1), "n must be"),
 ])
@@ -192,7 +246,7 @@ def test_chunk_size_does_not_change_results(clients, mc_plan, mc_params, chunk_s
 ])
 def test_chunk_rounding(chunk_size, num_models, devices, want):
   # The tests run on CPU, where the default chunk is 8 models.
-  got = ensemble._round_chunk(chunk_size, num_models, devices)
+  got = ensemble.round_chunk(chunk_size, num_models, devices)
   assert got == want and got % devices == 0
   assert -(-num_models // got) * got - num_models < got  # under one chunk of padding
 
@@ -220,7 +274,7 @@ def test_models_run_in_sequence_only_on_cpu(monkeypatch, backend, want):
 def test_default_chunk_size_depends_on_the_platform(monkeypatch, backend, want):
   monkeypatch.setattr(ensemble.jax, "default_backend", lambda: backend)
   assert ensemble.default_chunk_size() == want
-  assert ensemble._round_chunk(None, 435, 1) == (63 if want == 64 else 8)
+  assert ensemble.round_chunk(None, 435, 1) == (63 if want == 64 else 8)
 
 
 def test_exact_mode_model_ignores_data_outside_its_subset():
