@@ -3,7 +3,10 @@
 Prints the median over --runs runs (after one warm-up) of:
   * certify in Monte Carlo mode: d inputs, N models, n clients, k, alpha;
   * certify in exact mode: n=30, k=2 (435 models), d inputs;
-  * building the Monte Carlo level table alone (N + 1 exact levels).
+  * building the Monte Carlo level table alone (N + 1 exact levels);
+  * the sharper Monte Carlo bound (bound="top_two");
+  * deterministic mode (the deployed vote) on the Monte Carlo plan of N
+    models and on replicated partitions (N models, 5 replicas).
 
 Usage: python benchmarks/certify_bench.py [--d 10000] [--runs 7]
 """
@@ -80,6 +83,30 @@ def main():
   print(f"exact certify        d={args.d} N={math.comb(n_exact, k_exact)} "
         f"n={n_exact} k={k_exact}:{' ' * 12}{t_ex * 1e3:8.1f} ms "
         f"(max level {levels.max()})")
+
+  top_two = lambda: cert.certify(preds, num_classes=args.num_classes,
+                                 n=args.n, k=args.k, alpha=args.alpha,
+                                 bound="top_two")
+  t_tt = _median_time(top_two, args.runs)
+  levels = top_two().levels
+  print(f"monte_carlo top_two  d={args.d} N={args.num_models}:{' ' * 23}"
+        f"{t_tt * 1e3:8.1f} ms (max level {levels.max()}, "
+        f"{np.mean(levels >= 0):.1%} certified)")
+
+  from ensemble_fl import ensemble  # pylint: disable=g-import-not-at-top
+  for name, plan in (
+      ("monte_carlo plan", ensemble.make_plan(
+          "monte_carlo", n=args.n, k=args.k, num_models=args.num_models,
+          seed=args.seed)),
+      ("5 replicated partitions", ensemble.make_plan(
+          "partition", n=args.n, num_models=args.num_models, replicas=5,
+          seed=args.seed))):
+    det = lambda: cert.certify(preds, num_classes=args.num_classes, n=args.n,
+                               mode="deterministic", subsets=plan.subsets)
+    t_det = _median_time(det, max(1, args.runs // 3))
+    levels = det().levels
+    print(f"deterministic        d={args.d} N={args.num_models} n={args.n}, "
+          f"{name}: {t_det * 1e3:8.1f} ms (max level {levels.max()})")
 
   big = lambda: cert.monte_carlo_level_table(1000, 10_000, 50,
                                              args.alpha / args.d)

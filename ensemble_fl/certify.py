@@ -625,31 +625,34 @@ def _certify_deterministic(preds, counts, subsets, n):
   top_count, runner_up = _top_two(counts, top)
   margins = _margins(counts, top)  # [d, K], >= 0
   rows, slots = np.nonzero(subsets >= 0)
-  clients = subsets[rows, slots]
-  incidence = np.zeros((n, num_models), np.float32)  # exact: entries 0/1
-  incidence[clients, rows] = 1.0
-  degree = incidence.sum(axis=1).astype(np.int64)  # models per client
+  clients = subsets[rows, slots]  # one (model, client) membership per entry
+  degree = np.bincount(clients, minlength=n)  # models per client
   # Per-model bound: the m highest-degree clients touch <= D_m models.
   touched = np.cumsum(np.sort(degree)[::-1])
   by_models = np.searchsorted(touched, margins // 2, side="right")
   by_clients = np.empty((d, num_classes), np.int64)
+  # A client's cost is at most 2 * its degree; small costs sort faster.
+  cost_dtype = np.int16 if 2 * int(degree.max(initial=0)) < 2**15 else np.int32
   block = max(1, _DETERMINISTIC_BLOCK_CELLS // (num_classes * n))
   for start in range(0, d, block):
     stop = min(d, start + block)
-    t = np.arange(start, stop)
-    onehot = np.zeros((num_models, stop - start, num_classes), np.float32)
-    onehot[np.arange(num_models)[:, None], t[None, :] - start, preds[:, t]] = 1
-    # votes[i, t, c] = number of client i's models that vote c on input t;
-    # float32 sums of at most N ones are exact for N < 2**24.
-    votes = (incidence @ onehot.reshape(num_models, -1)).reshape(
-        n, stop - start, num_classes).astype(np.int32)
-    for_top = votes[:, np.arange(stop - start), top[t]]  # [n, b]
-    # cost[t, c, i] = 2*for_top + (degree - for_top - votes_c) - 0 * votes_c
-    cost = (for_top + degree[:, None])[:, :, None] - votes
-    cost = np.sort(cost.transpose(1, 2, 0), axis=-1)[..., ::-1]
-    spent = np.cumsum(cost, axis=-1)
-    by_clients[start:stop] = np.sum(spent <= margins[start:stop, :, None],
-                                    axis=-1)
+    width = stop - start
+    # votes[t, c, i] = number of client i's models that vote c on input t:
+    # one bincount over the memberships, no [n, N] incidence product.
+    cell = (np.arange(width)[None, :] * num_classes + preds[rows, start:stop]
+            ) * n + clients[:, None]
+    votes = np.bincount(cell.ravel(), minlength=width * num_classes * n
+                        ).reshape(width, num_classes, n).astype(cost_dtype)
+    for_top = votes[np.arange(width), top[start:stop]]  # [width, n]
+    # Client i's cost against c: 2 per model voting y, 1 per model voting
+    # neither, 0 per model voting c = for_top + degree - votes[c]. Sorting
+    # the negated costs puts the largest first; their running sums are the
+    # negated top-m sums.
+    neg_cost = votes - (for_top + degree[None, :])[:, None, :]
+    neg_cost.sort(axis=-1)
+    spent = np.cumsum(neg_cost, axis=-1, dtype=np.int32)
+    by_clients[start:stop] = np.sum(
+        spent >= -margins[start:stop, :, None], axis=-1)
   levels = np.maximum(by_clients, by_models).min(axis=1)
   return (top, top_count, runner_up, top.copy(), np.minimum(levels, n),
           top_count / num_models, runner_up / num_models)
