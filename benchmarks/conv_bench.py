@@ -4,8 +4,9 @@ The work timed is one local SGD step of FedAvg for every client of every
 model at once: ``vmap`` over ``models`` and over ``clients`` of
 ``grad(mean softmax cross-entropy)`` on a minibatch of ``batch`` examples,
 with per-(model, client) weights (as inside FedAvg after the first local
-step), followed by ``w - lr * g``. Each variant is one ``MnistCNN``
-configuration (see ensemble_fl/models.py).
+step), followed by ``w - lr * g``. Each variant is one ``VariantCNN``
+configuration (``conv_variants.py``), plus ``ensemble_fl.models.MnistCNN``
+itself as ``default``.
 
 All variants are compiled first, then timed in interleaved rounds (one step
 of each per round, plus one matmul), so a burst of load from other jobs hits
@@ -29,48 +30,26 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
-from bench_common import matmul_gflops  # noqa: E402
+from bench_common import matmul_gflops, mnist_cnn_macs  # noqa: E402
+from conv_variants import VARIANTS as CNN_VARIANTS, VariantCNN  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from ensemble_fl.models import MnistCNN, mnist_cnn_macs  # noqa: E402
+from ensemble_fl.models import MnistCNN  # noqa: E402
 
+# name: the network timed.
 VARIANTS = {
-    # name: MnistCNN kwargs
-    "lax_conv": dict(conv_impl="lax", pool_impl="reduce_window"),
-    "lax_conv+reshape_pool": dict(conv_impl="lax", pool_impl="reshape"),
-    "nhwc dilated": dict(layout="nhwc", patch_impl="dilated", pool_impl="reshape"),
-    "nhwc slices+mask": dict(layout="nhwc", patch_impl="slices", pool_impl="mask"),
-    "nhwc slices_cmajor": dict(layout="nhwc", patch_impl="slices_cmajor", pool_impl="reshape"),
-    "nhwc slices+reduce_window": dict(layout="nhwc", patch_impl="slices",
-                                      pool_impl="reduce_window"),
-    "nhwc slices": dict(layout="nhwc", patch_impl="slices", pool_impl="reshape"),
-    "nhwc slices+pairwise": dict(layout="nhwc", patch_impl="slices", pool_impl="pairwise"),
-    "nhwc taps": dict(layout="nhwc", patch_impl="taps", pool_impl="reshape"),
-    "nhwc taps/slices": dict(layout="nhwc", patch_impl="taps/slices", pool_impl="reshape"),
-    "nhwc dilated/slices+mask": dict(layout="nhwc", patch_impl="dilated/slices",
-                                     pool_impl="mask"),
-    "nhwc taps/slices+mask": dict(layout="nhwc", patch_impl="taps/slices", pool_impl="mask"),
-    "nhwc taps/slices+rw": dict(layout="nhwc", patch_impl="taps/slices",
-                                pool_impl="reduce_window"),
-    "cnhw/nhwc flat/slices": dict(layout="cnhw/nhwc", patch_impl="flat/slices",
-                                  pool_impl="reshape"),
-    "cnhw/nhwc slices/slices": dict(layout="cnhw/nhwc", patch_impl="slices/slices",
-                                    pool_impl="reshape"),
-    "cnhw slices": dict(layout="cnhw", patch_impl="slices", pool_impl="reshape"),
-    "cnhw flat+pairwise": dict(layout="cnhw", patch_impl="flat", pool_impl="pairwise"),
-    "cnhw flat": dict(layout="cnhw", patch_impl="flat", pool_impl="reshape"),
-    "default (nhwc dilated/slices)": dict(),
-    "default bf16": dict(dtype=jnp.bfloat16),
+    **{name: VariantCNN(**kwargs) for name, kwargs in CNN_VARIANTS.items()},
+    "default (nhwc dilated/slices)": MnistCNN(),
+    "default bf16": MnistCNN(dtype=jnp.bfloat16),
 }
 
 
-def make_step(model: MnistCNN, lr: float = 1e-3):
+def make_step(model, lr: float = 1e-3):
   """One SGD step for every (model, client) net.
 
   Returns ``step(params, x, y) -> params`` with params leaves
@@ -90,8 +69,7 @@ def make_step(model: MnistCNN, lr: float = 1e-3):
 class Variant:
   """One compiled variant with its inputs, timed step by step."""
 
-  def __init__(self, kwargs, models: int, clients: int, batch: int, seed: int = 0):
-    model = MnistCNN(**{**dict(conv_impl="patches"), **kwargs})
+  def __init__(self, model, models: int, clients: int, batch: int, seed: int = 0):
     kp, kx, ky = jax.random.split(jax.random.key(seed), 3)
     init_keys = jax.random.split(kp, models * clients).reshape(models, clients)
     x1 = jnp.zeros((1, 28, 28, 1), jnp.float32)

@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import matmul_gflops  # noqa: E402
+from bench_common import matmul_gflops, mlp_macs, mnist_cnn_macs  # noqa: E402
 
 CASES = {
     # name: n, k, default rounds
@@ -79,11 +79,11 @@ def _model(case: str, features: int, dtype_name: str):
   if case == "har":
     model = models.HarMLP(dtype=dtype)
     sample = jnp.zeros((1, features), jnp.float32)
-    macs = models.mlp_macs(features)
+    macs = mlp_macs(features)
   else:
     model = models.MnistCNN(dtype=dtype)
     sample = jnp.zeros((1, 28, 28, 1), jnp.float32)
-    macs = models.mnist_cnn_macs()
+    macs = mnist_cnn_macs()
   return model, sample, macs
 
 

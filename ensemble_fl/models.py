@@ -1,4 +1,4 @@
-"""The paper's two networks as Flax linen modules.
+"""The paper's two networks as Flax linen modules: MnistCNN and HarMLP.
 
 Both are trained as ``jax.vmap`` over models (and over clients inside FedAvg),
 so every parameter array acquires leading batch axes. A flax ``nn.Conv``
@@ -6,19 +6,19 @@ under that vmap becomes a *grouped* convolution (``feature_group_count`` =
 number of models x clients), which XLA:CPU runs several times slower than the
 equivalent batched matmul. :class:`MnistCNN` therefore writes each
 convolution as explicit patch extraction plus one matmul with a
-``[kh*kw*cin, cout]`` kernel; under vmap that becomes a batched ``dot_general``.
-``MnistCNN(conv_impl="lax")`` keeps a plain ``nn.Conv`` for comparison.
+``[kh*kw*cin, cout]`` kernel; under vmap that becomes a batched
+``dot_general``. The other implementations that were measured (channel-major
+layouts, other patch and pooling schemes, ``nn.Conv``) live in
+``benchmarks/conv_variants.py``, with their timings in ``benchmarks/README.md``.
 
-Parameter layout of the patches convolution: ``kernel`` float32
+Parameter layout of :class:`PatchConv`: ``kernel`` float32
 ``[kh*kw*cin, cout]`` whose rows are in ``(kh, kw, cin)`` order, i.e. exactly
-``nn.Conv``'s HWIO kernel reshaped (see :func:`conv_params_to_patches`), and
-``bias`` float32 ``[cout]``. Both implementations draw identical initial
-values from the same key.
+``nn.Conv``'s HWIO kernel reshaped, and ``bias`` float32 ``[cout]``. Its
+initial values are the ones ``nn.Conv`` draws from the same key.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -28,32 +28,20 @@ from jax import lax
 
 Array = jax.Array
 
-CONV_IMPLS = ("patches", "lax")
-# Activation layouts of the patches implementation:
-#   "nhwc": [B, H, W, C], patches [B, Ho, Wo, kh*kw*C] (the textbook im2col);
-#   "cnhw": [C, B, H, W], patches [C*kh*kw, B, ...]: every window slice is
-#           a block of whole image rows, so building patches (and scattering
-#           their gradient back) moves long contiguous runs instead of
-#           C-float snippets, and each conv is one GEMM kernel^T @ patches.
-LAYOUTS = ("nhwc", "cnhw")
-# Patch extraction: "slices" (exact windows), "slices_cmajor" (nhwc only,
-# features in (C, kh, kw) order), "dilated" (nhwc only,
-# lax.conv_general_dilated_patches), "flat" (cnhw only: windows over the
-# flattened H*W axis, one contiguous run per (channel, image, tap); computes
-# Ho*W outputs per image and drops the kw-1 wrapped-around columns),
-# "taps" (nhwc only: the kh*kw window slices stacked on a new leading axis,
-# [kh*kw, B, Ho, Wo, C], each slice one contiguous block, contracted over
-# (tap, C) by one dot).
-PATCH_IMPLS = ("slices", "slices_cmajor", "dilated", "flat", "taps")
-POOL_IMPLS = ("reshape", "reduce_window", "pairwise", "mask")
 
-
-def _hwio_init(kernel_size: tuple[int, int], cin: int, base=None):
+def patch_kernel_init(kernel_size: tuple[int, int], cin: int, base=None):
   """lecun_normal for a ``[kh*kw*cin, cout]`` kernel, drawn as nn.Conv draws it.
 
   Drawing the HWIO tensor and reshaping gives fan_in = kh*kw*cin (what
-  nn.Conv uses) and the very same numbers as ``nn.Conv`` for the same key,
-  so the two conv implementations start from one function.
+  nn.Conv uses) and the very same numbers as ``nn.Conv`` for the same key.
+
+  Args:
+    kernel_size: ``(kh, kw)``.
+    cin: input channels.
+    base: initializer of the HWIO tensor (default lecun_normal).
+
+  Returns:
+    An initializer ``init(key, (kh*kw*cin, cout), dtype) -> [kh*kw*cin, cout]``.
   """
   base = base or nn.initializers.lecun_normal()
   kh, kw = kernel_size
@@ -66,199 +54,65 @@ def _hwio_init(kernel_size: tuple[int, int], cin: int, base=None):
   return init
 
 
-def extract_patches(x: Array, kernel_size: tuple[int, int], impl: str = "slices") -> Array:
-  """All VALID, stride-1 patches of an NHWC image batch.
+def _patches(x: Array, kernel_size: tuple[int, int]) -> Array:
+  """All VALID, stride-1 patches of ``x`` float ``[B, H, W, C]``.
 
-  Args:
-    x: float ``[B, H, W, C]``.
-    kernel_size: ``(kh, kw)``.
-    impl: ``"slices"``: kh*kw shifted slices stacked, features in
-      ``(kh, kw, C)`` order; ``"slices_cmajor"``: the same slices, features in
-      ``(C, kh, kw)`` order; ``"dilated"``: ``lax.conv_general_dilated_patches``
-      (``(C, kh, kw)`` order; a depthwise convolution with a one-hot kernel).
-
-  Returns:
-    float ``[B, H-kh+1, W-kw+1, kh*kw*C]`` in the dtype of ``x``.
+  Returns ``[B, H-kh+1, W-kw+1, kh*kw*C]``, features in ``(kh, kw, C)`` order.
   """
   kh, kw = kernel_size
   b, h, w, c = x.shape
   ho, wo = h - kh + 1, w - kw + 1
-  if impl == "dilated":
+  if c == 1:
+    # One input channel (conv1: the images): stacking kh*kw slices of one
+    # float each is the slowest copy of the step, so use XLA's own patch
+    # convolution (a one-hot kernel; its features are in (C, kh, kw) order,
+    # which is (kh, kw, C) when C = 1). Its input is data, so it is never
+    # differentiated; on conv2 it would be, and it measured much slower.
     return lax.conv_general_dilated_patches(
         x, (kh, kw), (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
   slices = [x[:, i:i + ho, j:j + wo, :] for i in range(kh) for j in range(kw)]
-  if impl == "slices":
-    p = jnp.stack(slices, axis=3)            # [B, ho, wo, kh*kw, C]
-  elif impl == "slices_cmajor":
-    p = jnp.stack(slices, axis=4)            # [B, ho, wo, C, kh*kw]
-  else:
-    raise ValueError(f"unknown nhwc patch impl {impl!r}")
-  return p.reshape(b, ho, wo, kh * kw * c)
-
-
-def extract_patches_cnhw(x: Array, kernel_size: tuple[int, int], impl: str = "flat") -> Array:
-  """All VALID, stride-1 patches of a channel-major ``[C, B, H, W]`` batch.
-
-  Args:
-    x: float ``[C, B, H, W]``.
-    kernel_size: ``(kh, kw)``.
-    impl: ``"flat"`` or ``"slices"`` (see :data:`PATCH_IMPLS`).
-
-  Returns:
-    float ``[C*kh*kw, B, L]``, rows in ``(C, kh, kw)`` order; ``L = Ho*W``
-    for ``"flat"`` (column ``w >= Wo`` of each output row is garbage that
-    the caller drops) and ``L = Ho*Wo`` for ``"slices"``.
-  """
-  kh, kw = kernel_size
-  c, b, h, w = x.shape
-  ho, wo = h - kh + 1, w - kw + 1
-  if impl == "flat":
-    # Output pixel (r, s) reads flat index r*W + s + (i*W + j): one shifted
-    # contiguous window per tap. kw-1 zeros keep the last window in bounds.
-    xf = jnp.pad(x.reshape(c, b, h * w), ((0, 0), (0, 0), (0, kw - 1)))
-    n = ho * w
-    taps = [xf[:, :, i * w + j:i * w + j + n] for i in range(kh) for j in range(kw)]
-    p = jnp.stack(taps, axis=1)              # [C, kh*kw, B, Ho*W]
-    return p.reshape(c * kh * kw, b, n)
-  if impl == "slices":
-    taps = [x[:, :, i:i + ho, j:j + wo] for i in range(kh) for j in range(kw)]
-    p = jnp.stack(taps, axis=1)              # [C, kh*kw, B, Ho, Wo]
-    return p.reshape(c * kh * kw, b, ho * wo)
-  raise ValueError(f"unknown cnhw patch impl {impl!r}")
-
-
-def _kernel_rows_cmajor(kernel: Array, kernel_size, cin: int) -> Array:
-  """Permutes ``(kh, kw, cin)``-ordered kernel rows to ``(cin, kh, kw)`` order."""
-  if cin == 1:
-    return kernel
-  kh, kw = kernel_size
-  cout = kernel.shape[-1]
-  # The permutation acts on the small kernel, never on the patches.
-  return kernel.reshape(kh, kw, cin, cout).transpose(2, 0, 1, 3).reshape(-1, cout)
+  return jnp.stack(slices, axis=3).reshape(b, ho, wo, kh * kw * c)
 
 
 class PatchConv(nn.Module):
-  """VALID, stride-1 2-D convolution as patches @ kernel.
+  """VALID, stride-1 2-D convolution on NHWC maps, as patches @ kernel.
 
   Attributes:
     features: output channels ``cout``.
     kernel_size: ``(kh, kw)``.
-    patch_impl: one of :data:`PATCH_IMPLS` valid for ``layout``.
-    layout: ``"nhwc"``: input ``[B, H, W, cin]``, output
-      ``[B, Ho, Wo, cout]``; ``"cnhw"``: input ``[cin, B, H, W]``, output
-      ``[cout, B, Ho, Wo]`` (Ho = H-kh+1, Wo = W-kw+1). float32 unless
-      ``dtype`` says otherwise (accumulation is float32).
+    dtype: computation dtype (None: the input's); params stay float32 and the
+      output is float32.
+
+  Input float ``[B, H, W, cin]``; output float32 ``[B, H-kh+1, W-kw+1, cout]``.
   Params: ``kernel`` float32 ``[kh*kw*cin, cout]`` (rows in ``(kh, kw, cin)``
-  order, nn.Conv's HWIO kernel reshaped), ``bias`` float32 ``[cout]``.
+  order: nn.Conv's HWIO kernel reshaped), ``bias`` float32 ``[cout]``.
   """
 
   features: int
   kernel_size: tuple[int, int] = (5, 5)
-  patch_impl: str = "slices"
-  layout: str = "nhwc"
   dtype: Any = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     kh, kw = self.kernel_size
-    cin = x.shape[-1] if self.layout == "nhwc" else x.shape[0]
-    kernel = self.param("kernel", _hwio_init(self.kernel_size, cin),
+    cin = x.shape[-1]
+    kernel = self.param("kernel", patch_kernel_init(self.kernel_size, cin),
                         (kh * kw * cin, self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
     dtype = self.dtype or x.dtype
-    x = x.astype(dtype)
-    if self.layout == "nhwc" and self.patch_impl == "taps":
-      _, h, w, _ = x.shape
-      ho, wo = h - kh + 1, w - kw + 1
-      p = jnp.stack([x[:, i:i + ho, j:j + wo, :] for i in range(kh) for j in range(kw)])
-      k = kernel.reshape(kh * kw, cin, self.features).astype(dtype)
-      y = jnp.einsum("tbhwc,tco->bhwo", p, k).astype(jnp.float32)
-      return y + bias
-    if self.layout == "nhwc":
-      impl = self.patch_impl
-      p = extract_patches(x, self.kernel_size, impl)
-      k = kernel if impl == "slices" else _kernel_rows_cmajor(kernel, self.kernel_size, cin)
-      y = jnp.einsum("bhwk,kc->bhwc", p, k.astype(dtype)).astype(jnp.float32)
-      return y + bias
-    if self.layout != "cnhw":
-      raise ValueError(f"unknown layout {self.layout!r}; expected one of {LAYOUTS}")
-    _, b, h, w = x.shape
-    ho, wo = h - kh + 1, w - kw + 1
-    p = extract_patches_cnhw(x, self.kernel_size, self.patch_impl)   # [K, B, L]
-    k = _kernel_rows_cmajor(kernel, self.kernel_size, cin).astype(dtype)
-    # kernel^T @ patches: one GEMM whose output is already channel-major.
-    y = jnp.einsum("ko,kbl->obl", k, p).astype(jnp.float32)
-    if self.patch_impl == "flat":
-      y = y.reshape(self.features, b, ho, w)[..., :wo]
-    else:
-      y = y.reshape(self.features, b, ho, wo)
-    return y + bias[:, None, None, None]
+    p = _patches(x.astype(dtype), self.kernel_size)
+    y = jnp.einsum("bhwk,kc->bhwc", p, kernel.astype(dtype)).astype(jnp.float32)
+    return y + bias
 
 
-def _window_shape(shape, spatial):
-  ha, wa = spatial
-  shape = list(shape)
-  return (shape[:ha] + [shape[ha] // 2, 2] + shape[ha + 1:wa] + [shape[wa] // 2, 2]
-          + shape[wa + 1:]), (ha + 1, wa + 2)
+def _max_pool_2x2(x: Array) -> Array:
+  """2x2 max pooling with stride 2: float ``[B, H, W, C]`` -> ``[B, H/2, W/2, C]``.
 
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _max_pool_mask(x: Array, spatial: tuple[int, int]) -> Array:
-  shape, axes = _window_shape(x.shape, spatial)
-  return x.reshape(shape).max(axis=axes)
-
-
-def _max_pool_mask_fwd(x, spatial):
-  y = _max_pool_mask(x, spatial)
-  return y, (x, y)
-
-
-def _max_pool_mask_bwd(spatial, res, g):
-  # One fused select instead of jnp.max's indicator/count/divide passes. On a
-  # tie every maximal entry gets the full cotangent (jnp.max splits it); ties
-  # need exactly equal pre-activations, since pooling runs before the ReLU.
-  x, y = res
-  shape, axes = _window_shape(x.shape, spatial)
-  xw = x.reshape(shape)
-  yb = jnp.expand_dims(y, axes)
-  gb = jnp.expand_dims(g, axes)
-  return (jnp.where(xw == yb, gb, jnp.zeros((), g.dtype)).reshape(x.shape),)
-
-
-_max_pool_mask.defvjp(_max_pool_mask_fwd, _max_pool_mask_bwd)
-
-
-def max_pool_2x2(x: Array, impl: str = "reshape", spatial: tuple[int, int] = (1, 2)) -> Array:
-  """2x2 max pooling with stride 2 over the two (even) ``spatial`` axes.
-
-  Args:
-    x: float array, e.g. ``[B, H, W, C]`` with ``spatial=(1, 2)`` or
-      ``[C, B, H, W]`` with ``spatial=(2, 3)``.
-    impl: ``"reshape"`` (reshape + max), ``"reduce_window"`` (nn.max_pool,
-      NHWC only), ``"pairwise"`` (maximum of the four strided sub-grids) or
-      ``"mask"`` (reshape + max with a one-pass select gradient).
-
-  Returns:
-    ``x`` with both spatial sizes halved.
+  Reshape + max: its gradient measured faster than ``nn.max_pool``'s
+  (reduce_window, whose gradient is select_and_scatter).
   """
-  ha, wa = spatial
-  if impl == "reduce_window":
-    if spatial != (1, 2):
-      raise ValueError("reduce_window pooling is NHWC only")
-    return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
-  if impl == "reshape":
-    shape, axes = _window_shape(x.shape, spatial)
-    return x.reshape(shape).max(axis=axes)
-  if impl == "mask":
-    return _max_pool_mask(x, tuple(spatial))
-  if impl == "pairwise":
-    def sub(i, j):
-      idx = [slice(None)] * x.ndim
-      idx[ha] = slice(i, None, 2)
-      idx[wa] = slice(j, None, 2)
-      return x[tuple(idx)]
-    return jnp.maximum(jnp.maximum(sub(0, 0), sub(0, 1)), jnp.maximum(sub(1, 0), sub(1, 1)))
-  raise ValueError(f"unknown pool impl {impl!r}; expected one of {POOL_IMPLS}")
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
 class MnistCNN(nn.Module):
@@ -272,73 +126,26 @@ class MnistCNN(nn.Module):
 
   Attributes:
     num_classes: logits width (10).
-    conv_impl: ``"patches"`` (default, fast under vmap) or ``"lax"`` (nn.Conv).
-    layout: activation layout of ``"patches"``, one of :data:`LAYOUTS`, or
-      ``"conv1_layout/conv2_layout"`` (e.g. ``"cnhw/nhwc"``: the pooled
-      conv1 maps are transposed between the two).
-    patch_impl: patch extraction of ``"patches"``, one of :data:`PATCH_IMPLS`
-      (valid for the layout), or ``"conv1_impl/conv2_impl"``.
-    pool_impl: one of :data:`POOL_IMPLS`.
     dtype: computation dtype (None: the input's); params stay float32.
 
   Input float32 ``[B, 28, 28, 1]`` (pixels / 255; ``[B, 28, 28]`` also
   accepted); output float32 logits ``[B, num_classes]``. The flatten before
-  fc1 is in NHWC order in every layout, so params are interchangeable.
+  fc1 is in NHWC order.
   """
 
   num_classes: int = 10
-  conv_impl: str = "patches"
-  # Fastest measured on the 2-core CPU (benchmarks/README.md): conv1 patches
-  # by lax.conv_general_dilated_patches (cin = 1: a plain conv with a shared
-  # one-hot kernel, never differentiated since its input is data), conv2
-  # patches by stacked slices, NHWC throughout, reshape+max pooling.
-  layout: str = "nhwc"
-  patch_impl: str = "dilated/slices"
-  pool_impl: str = "reshape"
   dtype: Any = None
-
-  def _per_layer(self, value: str) -> tuple[str, str]:
-    parts = value.split("/")
-    if len(parts) not in (1, 2):
-      raise ValueError(f"expected 'a' or 'conv1/conv2', got {value!r}")
-    return (parts[0], parts[-1])
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     if x.ndim == 3:
       x = x[..., None]
     b = x.shape[0]
-    if self.conv_impl == "lax":
-      layouts, impls = ("nhwc", "nhwc"), (None, None)
-    elif self.conv_impl == "patches":
-      layouts, impls = self._per_layer(self.layout), self._per_layer(self.patch_impl)
-      for lay in layouts:
-        if lay not in LAYOUTS:
-          raise ValueError(f"unknown layout {lay!r}; expected one of {LAYOUTS}")
-    else:
-      raise ValueError(f"unknown conv impl {self.conv_impl!r}; expected one of {CONV_IMPLS}")
-
-    def conv(x, features, i):
-      name = f"conv{i + 1}"
-      if self.conv_impl == "lax":
-        return nn.Conv(features, (5, 5), padding="VALID", dtype=self.dtype, name=name)(x)
-      return PatchConv(features, (5, 5), impls[i], layouts[i], self.dtype, name=name)(x)
-
-    def to_layout(x, current, wanted):
-      if current == wanted:
-        return x
-      return jnp.transpose(x, (3, 0, 1, 2) if wanted == "cnhw" else (1, 2, 3, 0))
-
-    def pool(x, lay):
-      return nn.relu(max_pool_2x2(x, self.pool_impl, (1, 2) if lay == "nhwc" else (2, 3)))
-
-    x = to_layout(x, "nhwc", layouts[0])             # [B, 28, 28, 1] or [1, B, 28, 28]
-    x = pool(conv(x, 20, 0), layouts[0])             # 24x24 -> 12x12, 20 channels
-    # A layout switch happens here, on the pooled (4x smaller) maps.
-    x = to_layout(x, layouts[0], layouts[1])
-    x = pool(conv(x, 50, 1), layouts[1])             # 8x8 -> 4x4, 50 channels
-    x = to_layout(x, layouts[1], "nhwc")             # [B, 4, 4, 50]
-    x = x.reshape(b, -1)                             # [B, 800], NHWC order
+    conv1 = PatchConv(20, (5, 5), self.dtype, name="conv1")
+    conv2 = PatchConv(50, (5, 5), self.dtype, name="conv2")
+    x = nn.relu(_max_pool_2x2(conv1(x)))            # [B, 12, 12, 20]
+    x = nn.relu(_max_pool_2x2(conv2(x)))            # [B, 4, 4, 50]
+    x = x.reshape(b, -1)                            # [B, 800]
     x = nn.relu(nn.Dense(512, dtype=self.dtype, name="fc1")(x))
     x = nn.Dense(self.num_classes, dtype=self.dtype, name="fc2")(x)
     return x.astype(jnp.float32)
@@ -362,43 +169,6 @@ class HarMLP(nn.Module):
     return x.astype(jnp.float32)
 
 
-def conv_params_to_patches(params: Any, batch_dims: int = 0) -> Any:
-  """Maps ``MnistCNN(conv_impl="lax")`` params to ``conv_impl="patches"`` ones.
-
-  Args:
-    params: a params pytree of ``MnistCNN(conv_impl="lax")`` (with or without
-      the top-level ``"params"`` collection key).
-    batch_dims: number of leading (vmap) axes on every leaf.
-
-  Returns:
-    The same pytree with each conv ``kernel`` ``[*lead, kh, kw, cin, cout]``
-    reshaped to ``[*lead, kh*kw*cin, cout]``; other leaves unchanged.
-  """
-  def fix(path, leaf):
-    names = [str(getattr(k, "key", "")) for k in path]
-    if names[-1] == "kernel" and any(n.startswith("conv") for n in names):
-      lead = leaf.shape[:batch_dims]
-      kh, kw, cin, cout = leaf.shape[batch_dims:]
-      return leaf.reshape(*lead, kh * kw * cin, cout)
-    return leaf
-  return jax.tree_util.tree_map_with_path(fix, params)
-
-
 def num_params(params: Any) -> int:
   """Total number of scalars in a params pytree."""
   return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
-
-
-def mnist_cnn_macs(batch: int = 1) -> int:
-  """Multiply-accumulates of one MnistCNN forward pass on ``batch`` examples."""
-  conv1 = 24 * 24 * (5 * 5 * 1) * 20
-  conv2 = 8 * 8 * (5 * 5 * 20) * 50
-  fc = 800 * 512 + 512 * 10
-  return batch * (conv1 + conv2 + fc)
-
-
-def mlp_macs(features: int, hidden: Sequence[int] = (256, 256), num_classes: int = 6,
-             batch: int = 1) -> int:
-  """Multiply-accumulates of one HarMLP forward pass on ``batch`` examples."""
-  widths = [features, *hidden, num_classes]
-  return batch * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
