@@ -1,4 +1,4 @@
-"""Malicious clients, run inside the compiled FedAvg program (SPEC §6).
+"""Malicious clients, run inside the compiled FedAvg program.
 
 An attack is a set of malicious client ids plus one behaviour:
 

@@ -2,7 +2,7 @@
 
 Server step. The paper's listing writes ``w <- w - eta * g`` with
 ``g = w_i - w``, which would move the global model *against* the clients'
-progress. We implement standard FedAvg instead (SPEC §1)::
+progress. We implement standard FedAvg instead (docs/ALGORITHM.md)::
 
   w <- w + server_lr * Agg(Delta_1, ..., Delta_s),   Delta_i = w_i - w
 

@@ -30,7 +30,7 @@ SETTINGS = hypothesis.settings(max_examples=150, deadline=None,
 
 
 def ref_level(p_lower, p_upper, n, k):
-  """Largest m in [0, n-k] satisfying the SPEC's inequality, by linear scan.
+  """Largest m in [0, n-k] satisfying Theorem 1's inequality, by linear scan.
 
   Every m is tried (no monotonicity assumed); C(n-m, k) is updated
   incrementally with exact integer division so huge n stay affordable.
@@ -452,7 +452,7 @@ def test_monte_carlo_non_tied_top_is_deterministic():
 
 
 # ---------------------------------------------------------------------------
-# Statistical soundness of Monte Carlo mode (SPEC §3: all d levels hold
+# Statistical soundness of Monte Carlo mode (docs/ALGORITHM.md: all d levels hold
 # simultaneously with probability >= 1 - alpha).
 
 SOUND_N, SOUND_K = 50, 5

@@ -1,4 +1,4 @@
-"""FedAvg against an independent NumPy implementation of SPEC §1."""
+"""FedAvg against an independent NumPy implementation of docs/ALGORITHM.md's FedAvg."""
 
 import functools
 
@@ -53,7 +53,7 @@ def np_grad(w, b, x, y):
 
 
 def np_fedavg(params, clients, subset, key, config):
-  """SPEC §1 with the server step w <- w + server_lr * Agg(Delta), float64.
+  """FedAvg as docs/ALGORITHM.md states it (server step w <- w + server_lr * Agg(Delta)), float64.
 
   Only the minibatch *indices* come from the library (round_batch_indices,
   whose own properties are tested separately); all arithmetic is NumPy's.
