@@ -20,6 +20,17 @@ import time
 from typing import Callable, TextIO
 
 
+def format_bytes(n: float) -> str:
+  """``999`` -> ``'999 B'``; ``9912422`` -> ``'9.9 MB'`` (SI units); NaN/inf -> ``'?'``."""
+  if not n >= 0 or n == float("inf"):
+    return "?"
+  for unit in ("B", "kB", "MB", "GB"):
+    if n < 999.5 or unit == "GB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1000.0
+  raise AssertionError("unreachable")
+
+
 def format_duration(seconds: float) -> str:
   """``75.3`` -> ``'1:15'``; ``3725`` -> ``'1:02:05'``; negative/NaN -> ``'?'``."""
   if not seconds >= 0 or seconds == float("inf"):
@@ -39,6 +50,8 @@ class ProgressBar:
     width: number of characters of the bar itself.
     min_interval: for non-terminal streams, seconds between printed lines.
     clock: time source (injectable for tests).
+    unit_bytes: ``done`` and ``total`` count bytes: shown as sizes, with the
+      average speed (for downloads).
   """
 
   def __init__(
@@ -49,7 +62,9 @@ class ProgressBar:
       width: int = 30,
       min_interval: float = 10.0,
       clock: Callable[[], float] = time.monotonic,
+      unit_bytes: bool = False,
   ):
+    self.unit_bytes = unit_bytes
     self.desc = desc
     self.stream = stream if stream is not None else sys.stderr
     self.width = width
@@ -82,7 +97,11 @@ class ProgressBar:
     filled = int(round(frac * self.width))
     bar = "#" * filled + "." * (self.width - filled)
     elapsed = now - self._start
-    text = (f"{self.desc + ' ' if self.desc else ''}[{bar}] {done}/{total} "
+    counts = f"{done}/{total}"
+    if self.unit_bytes:
+      speed = format_bytes(done / elapsed) if elapsed > 0 else "?"
+      counts = f"{format_bytes(done)}/{format_bytes(total)} {speed}/s"
+    text = (f"{self.desc + ' ' if self.desc else ''}[{bar}] {counts} "
             f"{100 * frac:3.0f}% elapsed {format_duration(elapsed)}")
     if done < total:
       text += f" eta {format_duration(self.eta(done, total, now))}"
