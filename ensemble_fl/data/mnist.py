@@ -1,28 +1,29 @@
 """MNIST: loading the original IDX files and the paper's non-IID client split.
 
-The loader reads the four original ``.gz`` files (no network, nothing cached on
-disk) and checks their SHA-256, so every experiment provably runs on the
-published data. ``tensorflow_datasets`` is a fallback only when the files are
-not found and no folder was named.
+The loader reads the four original ``.gz`` files and checks their SHA-256, so
+every experiment provably runs on the published data. When no folder is named
+and the files are in none of the data roots (see ``paths``), they are
+downloaded once into the cache (``$ENSEMBLE_FL_DATA`` or
+``~/.cache/ensemble_fl``) from public mirrors of the original files, each
+verified against the same SHA-256 before it is kept.
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
-import importlib
-import importlib.util
 import math
 import numbers
 import os
 import zlib
 from pathlib import Path
+from typing import Sequence, TextIO
 
 import numpy as np
 
 from ensemble_fl._arrays import as_array
 from ensemble_fl.clients import ClientData, check_features
-from ensemble_fl.data.paths import resolve_dir
+from ensemble_fl.data import download as download_lib
+from ensemble_fl.data import paths
 
 TRAIN_IMAGES = "train-images-idx3-ubyte.gz"
 TRAIN_LABELS = "train-labels-idx1-ubyte.gz"
@@ -38,13 +39,28 @@ SHA256 = {
     TEST_LABELS: "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
 }
 
+SIZES = {TRAIN_IMAGES: 9_912_422, TRAIN_LABELS: 28_881, TEST_IMAGES: 1_648_877,
+         TEST_LABELS: 4_542}
+NUM_CLASSES = 10
+
+# Public copies of the four original files (byte-identical: the SHA-256 above
+# decides), tried in this order:
+# - Google's CVDF bucket, the source tensorflow_datasets downloads MNIST from;
+# - PyTorch's ossci-datasets S3 bucket, torchvision's MNIST mirror;
+# - the original host, last: it has often refused scripted downloads.
+MIRRORS = (
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "http://yann.lecun.com/exdb/mnist/",
+)
+# Base URL(s) to use instead (whitespace-separated); the file names are appended.
+URL_ENV = "ENSEMBLE_FL_MNIST_URL"
+
 IMAGES_MAGIC = 2051  # 0x0803: unsigned bytes, 3 dimensions
 LABELS_MAGIC = 2049  # 0x0801: unsigned bytes, 1 dimension
 
-_HINT = ("Fix: pass data_dir (--data-dir) pointing at the folder with the four "
-         "original MNIST .gz files (or its parent holding mnist/), set "
-         "$ENSEMBLE_FL_DATA, or `pip install ensemble_fl[tfds]` to load MNIST "
-         "through tensorflow_datasets.")
+_CORRUPT_FIX = ("Delete it and run again to download a fresh copy (or put the original there); "
+                "in Python, load_mnist(..., verify=False) loads it anyway.")
 
 
 def parse_idx(raw: bytes, *, expected_magic: int, name: str = "IDX data") -> np.ndarray:
@@ -88,14 +104,9 @@ def parse_idx(raw: bytes, *, expected_magic: int, name: str = "IDX data") -> np.
 
 
 def _read_gz(path: Path, verify: bool) -> bytes:
-  blob = path.read_bytes()
+  blob = download_lib.read_bytes(path)
   if verify:
-    digest = hashlib.sha256(blob).hexdigest()
-    if digest != SHA256[path.name]:
-      raise ValueError(
-          f"{path}: SHA-256 {digest} does not match the published MNIST file "
-          f"({SHA256[path.name]}). The file is corrupt or not the original; "
-          "replace it, or pass verify=False to load it anyway.")
+    download_lib.check_sha256(path, blob, SHA256[path.name], _CORRUPT_FIX)
   try:
     return gzip.decompress(blob)
   except (OSError, EOFError, zlib.error) as err:
@@ -124,24 +135,56 @@ def _convert(images: np.ndarray, labels: np.ndarray):
   return x, np.asarray(labels, dtype=np.int32).reshape(-1)
 
 
-def _load_tfds():
-  tfds = importlib.import_module("tensorflow_datasets")
-  train, test = tfds.as_numpy(
-      tfds.load("mnist", split=["train", "test"], batch_size=-1, as_supervised=True))
-  return (*_convert(*train), *_convert(*test))
+def _offline_hint(folder: Path) -> str:
+  return (f"Offline: copy the four original files ({', '.join(FILES)}; SHA-256 in the "
+          f"README) into {folder}, or set ${URL_ENV} to a mirror that has them.")
 
 
-def load_mnist(data_dir: str | os.PathLike | None = None, *, verify: bool = True):
+def fetch_mnist(
+    root: str | os.PathLike | None = None,
+    *,
+    mirrors: Sequence[str] | None = None,
+    stream: TextIO | None = None,
+) -> Path:
+  """Downloads the MNIST files missing from ``<root>/mnist``; returns that folder.
+
+  Each file is fetched from the first mirror that gives a copy with the
+  published SHA-256 (see ``download.fetch``); files already there are left
+  alone (``load_mnist`` verifies them).
+
+  Args:
+    root: data root to fill; None = ``paths.cache_dir()``.
+    mirrors: base URLs, the file names are appended; None = ``$ENSEMBLE_FL_MNIST_URL``
+      (whitespace-separated) when set, else :data:`MIRRORS`.
+    stream: where progress goes (default stderr).
+
+  Raises:
+    download.DownloadError: a file could be had from no mirror (one line).
+    ValueError: the folder cannot be written.
+  """
+  folder = (paths.cache_dir() if root is None else paths.expand(root, "root")) / "mnist"
+  bases = list(mirrors) if mirrors is not None else download_lib.base_urls(URL_ENV, MIRRORS)
+  for name in FILES:
+    if not (folder / name).is_file():
+      download_lib.fetch([download_lib.join_url(b, name) for b in bases], folder / name,
+                         sha256=SHA256[name], size=SIZES[name],
+                         offline_hint=_offline_hint(folder), stream=stream)
+  return folder
+
+
+def load_mnist(data_dir: str | os.PathLike | None = None, *, verify: bool = True,
+               download: bool = True):
   """Loads MNIST from the four original IDX ``.gz`` files.
 
   Args:
     data_dir: the folder holding the four files, or a data root holding
-      ``mnist/``. None: the default data root (see ``paths``), then, if the
-      files are not there and ``tensorflow_datasets`` is importable, tfds.
-      An explicitly named folder never falls back to tfds.
+      ``mnist/``; searched alone, never downloaded into. None: the default data
+      roots (see ``paths``), and if the files are in none of them, a download
+      into the cache (:func:`fetch_mnist`).
     verify: check each file's SHA-256 against the published value. With
       ``verify=False`` any well-formed IDX files are accepted (any counts),
       which is what small test fixtures need.
+    download: allow the download (only when ``data_dir`` is None).
 
   Returns:
     ``(x_train, y_train, x_test, y_test)``: float32 ``[60000, 28, 28, 1]`` with
@@ -149,18 +192,23 @@ def load_mnist(data_dir: str | os.PathLike | None = None, *, verify: bool = True
     ``[10000, 28, 28, 1]``, int32 ``[10000]``.
 
   Raises:
-    FileNotFoundError: the files are nowhere to be found (the message lists
-      where it looked and how to fix it).
-    ValueError: a checksum mismatch (naming the file) or a malformed file.
+    FileNotFoundError: the files are nowhere to be found and cannot be
+      downloaded (the message says where it looked or which URLs failed, and
+      how to put the files in place by hand).
+    ValueError: a checksum mismatch (naming the file), a malformed or
+      unreadable file.
   """
   if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
     raise TypeError(f"data_dir must be a path or None, got {type(data_dir).__name__}")
   try:
-    folder = resolve_dir(data_dir, "mnist", required=FILES, hint=_HINT)
+    folder = paths.resolve_dir(
+        data_dir, "mnist", required=FILES,
+        hint="Fix: name the folder holding the four original MNIST .gz files (or its "
+             "parent holding mnist/), or name no folder to download them into the cache.")
   except FileNotFoundError:
-    if data_dir is None and importlib.util.find_spec("tensorflow_datasets") is not None:
-      return _load_tfds()
-    raise
+    if data_dir is not None or not download:
+      raise
+    folder = fetch_mnist()
   return (*_load_split(folder, TRAIN_IMAGES, TRAIN_LABELS, verify),
           *_load_split(folder, TEST_IMAGES, TEST_LABELS, verify))
 
@@ -173,7 +221,7 @@ def assign_mnist_clients(
     num_groups: int = 10,
     seed: int = 0,
 ) -> np.ndarray:
-  """The paper's non-IID assignment of training examples to clients (SPEC §5).
+  """The paper's non-IID assignment of training examples to clients.
 
   Clients ``g * c .. (g + 1) * c - 1`` form group ``g``, with
   ``c = n_clients // num_groups``. An example of label ``l`` goes to group
@@ -189,7 +237,7 @@ def assign_mnist_clients(
   triggers; it matters only for very many clients.
 
   Args:
-    y: integer labels ``[m]``, non-negative.
+    y: integer labels ``[m]``, digits in ``[0, 10)``.
     n_clients: number of clients, a positive multiple of ``num_groups``.
     q: non-IID degree in [0, 1].
     num_groups: number of groups (>= 1; with 1 group ``q`` has no effect).
@@ -209,6 +257,8 @@ def assign_mnist_clients(
     raise ValueError("y: labels must be non-negative")
   if y.size and y.max() > np.iinfo(np.int32).max:
     raise ValueError("y: labels must fit in int32")
+  if y.size and y.max() >= NUM_CLASSES:
+    raise ValueError(f"y: labels outside [0, {NUM_CLASSES}) (MNIST digits), max {y.max()}")
   if isinstance(q, (bool, np.bool_)) or not (
       isinstance(q, (int, float, np.floating, np.integer)) and 0.0 <= q <= 1.0):
     raise ValueError(f"q must be a number in [0, 1], got {q!r}")
@@ -294,7 +344,7 @@ def split_mnist_clients(
 
   Args:
     x: float ``[m, *feature_shape]``, e.g. ``[60000, 28, 28, 1]``.
-    y: integer labels ``[m]``.
+    y: integer labels ``[m]``, digits in ``[0, 10)``.
     n_clients, q, num_groups, seed: as in :func:`assign_mnist_clients`.
 
   Returns:
