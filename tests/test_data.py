@@ -2,10 +2,8 @@
 checks on tiny fixtures written to tmp_path (no data file is committed)."""
 
 import gzip
-import importlib.machinery
 import shutil
-import sys
-import types
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ from ensemble_fl.data import (assign_mnist_clients, default_data_dir, har_federa
                               load_hapt, load_mnist, load_uci_har, split_mnist_clients,
                               split_per_user, window_signals)
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = paths.SHARED_DIRS[0]  # ../shared/data beside the checkout (the CI layout)
 MNIST_DIR = SHARED / "mnist"
 HAPT_NPZ = SHARED / "hapt" / "hapt_raw.npz"
 needs_mnist = pytest.mark.skipif(
@@ -27,11 +25,20 @@ needs_mnist = pytest.mark.skipif(
 needs_hapt = pytest.mark.skipif(not HAPT_NPZ.is_file(), reason=f"{HAPT_NPZ} not found")
 
 
+def _closed_port_url() -> str:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return f"http://127.0.0.1:{s.getsockname()[1]}/"
+
+
 @pytest.fixture(autouse=True)
-def _no_env_and_no_tfds(monkeypatch):
-  # Tests must not depend on the caller's environment or on tfds being installed.
+def _no_env_and_no_network(monkeypatch, tmp_path):
+  # Tests must not depend on the caller's environment, nor ever reach the
+  # network: a download that escapes a test goes to a closed local port.
   monkeypatch.delenv(paths.ENV_VAR, raising=False)
-  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  monkeypatch.setenv(mnist.URL_ENV, _closed_port_url())
+  monkeypatch.setenv(har.UCI_URL_ENV, _closed_port_url())
 
 
 # ------------------------------------------------------------------ paths
@@ -165,28 +172,10 @@ def test_mnist_missing_lists_places(tmp_path, monkeypatch):
     load_mnist(tmp_path / "nowhere")
   msg = str(err.value)
   assert str(tmp_path / "nowhere") in msg and str(tmp_path / "nowhere" / "mnist") in msg
-  assert "tfds" in msg and "--data-dir" in msg
+  assert "download them into the cache" in msg
   monkeypatch.setenv(paths.ENV_VAR, str(tmp_path / "env_root"))
   with pytest.raises(FileNotFoundError, match="env_root"):
     load_mnist()
-
-
-def test_mnist_tfds_fallback(tmp_path, monkeypatch):
-  fake = types.ModuleType("tensorflow_datasets")
-  fake.__spec__ = importlib.machinery.ModuleSpec("tensorflow_datasets", None)
-  img = np.full((4, 28, 28, 1), 255, np.uint8)
-  lab = np.arange(4, dtype=np.int64)
-  fake.load = lambda name, split, batch_size, as_supervised: (
-      [(img, lab), (img[:2], lab[:2])] if name == "mnist" and batch_size == -1 else None)
-  fake.as_numpy = lambda tree: tree
-  monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
-  monkeypatch.setenv(paths.ENV_VAR, str(tmp_path))
-  x_tr, y_tr, x_te, y_te = load_mnist()
-  assert x_tr.shape == (4, 28, 28, 1) and x_tr.dtype == np.float32 and x_tr.max() == 1.0
-  assert y_tr.dtype == np.int32 and y_te.tolist() == [0, 1]
-  # A folder named explicitly never silently falls back.
-  with pytest.raises(FileNotFoundError):
-    load_mnist(tmp_path)
 
 
 # ---------------------------------------------------------- MNIST split
@@ -345,7 +334,7 @@ def test_hapt_windows_match_brute_force(tmp_path, seed):
   want = _brute_windows(*rec, 128, 64)
   assert want[0].shape[0] > 0
   for where in (npz, npz.parent, tmp_path / "data"):
-    got = load_hapt(where)
+    got = load_hapt(where, verify=False)
     for g, w in zip(got, want):
       np.testing.assert_array_equal(g, w)
       assert g.dtype == w.dtype
@@ -388,7 +377,7 @@ def test_window_signals_bad_inputs(tmp_path):
     window_signals(signals, label, user, exp, stride=0)
   np.savez(tmp_path / "hapt_raw.npz", signals=signals, label=label)
   with pytest.raises(ValueError, match="missing keys"):
-    load_hapt(tmp_path / "hapt_raw.npz")
+    load_hapt(tmp_path / "hapt_raw.npz", verify=False)
   with pytest.raises(FileNotFoundError, match="Looked in"):
     load_hapt(tmp_path / "nothing")
   empty = window_signals(signals[:0], label[:0], user[:0], exp[:0])
@@ -439,8 +428,8 @@ def test_har_federated_on_fixture(tmp_path):
   rec = _fake_recording(0, lengths=(900, 700, 1200, 800, 600), users=(3, 3, 1, 8, 5))
   npz = tmp_path / "hapt" / "hapt_raw.npz"
   _write_npz(npz, *rec)
-  w, y, u = load_hapt(npz)
-  data = har_federated("hapt", data_dir=tmp_path, seed=1)
+  w, y, u = load_hapt(npz, verify=False)
+  data = har_federated("hapt", data_dir=tmp_path, seed=1, verify=False)
   c = data.clients
   validate_clients(c, num_classes=6)
   users = np.unique(u)
@@ -461,7 +450,7 @@ def test_har_federated_on_fixture(tmp_path):
   per_channel = train_x.reshape(-1, 128, 6)
   np.testing.assert_allclose(per_channel.mean(axis=(0, 1)), 0, atol=1e-4)
   np.testing.assert_allclose(per_channel.std(axis=(0, 1)), 1, atol=1e-4)
-  again = har_federated("hapt", data_dir=npz, seed=1)
+  again = har_federated("hapt", data_dir=npz, seed=1, verify=False)
   np.testing.assert_array_equal(again.x_test, data.x_test)
 
 
@@ -526,3 +515,120 @@ def test_load_uci_har_bad_inputs(tmp_path):
     f.write("1.0 2.0\n")
   with pytest.raises(ValueError):
     load_uci_har(folder)
+
+
+# ------------------------------------------- damaged and misused data files
+
+
+def _hapt_fixture(folder: Path) -> Path:
+  npz = folder / "hapt" / "hapt_raw.npz"
+  _write_npz(npz, *_fake_recording(0))
+  return npz
+
+
+def _damaged(kind):
+  """A setup writing a HAPT file damaged as ``kind``; returns the call to make."""
+  def setup(tmp_path, monkeypatch):
+    npz = _hapt_fixture(tmp_path)
+    blob = bytearray(npz.read_bytes())
+    if kind == "truncated":
+      npz.write_bytes(bytes(blob[: len(blob) // 2]))
+    elif kind == "bit-flipped":
+      blob[len(blob) // 3] ^= 0x10  # inside a compressed member: CRC / inflate error
+      npz.write_bytes(bytes(blob))
+    elif kind == "empty":
+      npz.write_bytes(b"")
+    elif kind == "text":
+      npz.write_text("signals,label\n1,2\n")
+    elif kind == "npy":
+      np.save(npz.with_suffix(""), np.zeros(3))  # writes hapt_raw.npy
+      npz.with_suffix(".npy").replace(npz)
+    elif kind == "labels 99":
+      signals, label, user, exp = _fake_recording(0)
+      _write_npz(npz, signals, np.full_like(label, 99), user, exp)
+    return lambda: load_hapt(npz, verify=False)
+  return setup
+
+
+def _unreadable(tmp_path, monkeypatch):
+  npz = _hapt_fixture(tmp_path)
+  real = Path.read_bytes
+
+  def read_bytes(self):  # the tests run as root, where chmod 000 still reads
+    if self == npz:
+      raise PermissionError(13, "Permission denied", str(self))
+    return real(self)
+  monkeypatch.setattr(Path, "read_bytes", read_bytes)
+  return lambda: load_hapt(npz, verify=False)
+
+
+def _hapt_checksum(tmp_path, monkeypatch):
+  npz = _hapt_fixture(tmp_path)
+  return lambda: har_federated("hapt", data_dir=tmp_path)
+
+
+def _mnist_checksum(tmp_path, monkeypatch):
+  _write_fake_mnist(tmp_path / "mnist")
+  return lambda: load_mnist(tmp_path)
+
+
+def _env(value):
+  def setup(tmp_path, monkeypatch):
+    monkeypatch.setenv(paths.ENV_VAR, value)
+    return load_mnist
+  return setup
+
+
+def _data_dir_is_a_file(tmp_path, monkeypatch):
+  (tmp_path / "passwd").write_text("root:x:0:0")
+  return lambda: paths.check_data_dir(tmp_path / "passwd")
+
+
+def _label_10(tmp_path, monkeypatch):
+  return lambda: split_mnist_clients(np.zeros((20, 2), np.float32), np.arange(20) % 11,
+                                     n_clients=10)
+
+
+@pytest.mark.parametrize("setup,error,fragment", [
+    (_damaged("truncated"), ValueError, "hapt_raw.npz: not a readable .npz file"),
+    (_damaged("bit-flipped"), ValueError, "hapt_raw.npz: not a readable .npz file"),
+    (_damaged("empty"), ValueError, "hapt_raw.npz: not a readable .npz file"),
+    (_damaged("text"), ValueError, "hapt_raw.npz: not a readable .npz file (not a numpy .npz"),
+    (_damaged("npy"), ValueError, "a single .npy array"),
+    (_damaged("labels 99"), ValueError, "hapt_raw.npz: label ids [99] are no HAPT activity"),
+    (_unreadable, ValueError, "hapt_raw.npz: cannot read the file (Permission denied)"),
+    (_hapt_checksum, ValueError, "does not match the published file"),
+    (_mnist_checksum, ValueError, "Delete it and run again to download a fresh copy"),
+    (_env("~nonexist_user_xyz/data"), ValueError, "cannot expand '~nonexist_user_xyz'"),
+    (_data_dir_is_a_file, ValueError, "is a file, not a folder"),
+    (_label_10, ValueError, "y: labels outside [0, 10)"),
+], ids=["truncated", "bit-flipped", "empty", "text", "npy", "labels-99", "unreadable",
+        "hapt-sha", "mnist-sha", "bad-home", "data-dir-file", "label-10"])
+def test_bad_data_gives_one_clear_line(tmp_path, monkeypatch, setup, error, fragment, recwarn):
+  call = setup(tmp_path, monkeypatch)
+  with pytest.raises(error) as err:
+    call()
+  msg = str(err.value)
+  assert fragment in msg and "\n" not in msg, msg
+  assert "pass verify=False" not in msg
+  assert not [w for w in recwarn.list if issubclass(w.category, RuntimeWarning)]
+
+
+def test_missing_hapt_says_how_to_get_data(tmp_path):
+  with pytest.raises(FileNotFoundError) as err:
+    har_federated("hapt", data_dir=tmp_path)
+  assert "not downloaded" in str(err.value) and "--har-data uci" in str(err.value)
+  (tmp_path / "x").write_text("")
+  with pytest.raises(FileNotFoundError, match="x  \\(a file, not a folder\\)"):
+    load_mnist(tmp_path / "x")
+
+
+@needs_hapt
+def test_real_hapt_is_verified(tmp_path):
+  blob = bytearray(HAPT_NPZ.read_bytes())
+  assert har.download_lib.sha256_hex(bytes(blob)) == har.HAPT_SHA256
+  blob[-100] ^= 0x01  # in the zip's directory: only the checksum notices
+  (tmp_path / "hapt").mkdir()
+  (tmp_path / "hapt" / "hapt_raw.npz").write_bytes(bytes(blob))
+  with pytest.raises(ValueError, match="SHA-256 .* does not match the published file"):
+    load_hapt(tmp_path)
