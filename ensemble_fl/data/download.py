@@ -114,6 +114,7 @@ def fetch(
     size: int | None = None,
     timeout: float = TIMEOUT_S,
     offline_hint: str = "",
+    what: str | None = None,
     stream: TextIO | None = None,
 ) -> Path:
   """Downloads the first of ``urls`` that gives a verified file to ``dest``.
@@ -136,6 +137,8 @@ def fetch(
       the progress bar and the completeness check).
     timeout: seconds to wait for the connection and for each read.
     offline_hint: appended to the error: how to put the file in place by hand.
+    what: the file's name in messages and on the progress bar (default: the
+      name of ``dest``).
     stream: where the progress bar goes (default stderr).
 
   Returns:
@@ -146,6 +149,7 @@ def fetch(
     ValueError: the destination folder cannot be written.
   """
   dest = Path(dest)
+  what = what or dest.name
   accepted = {sha256} if isinstance(sha256, str) else set(sha256 or ())
   stream = stream if stream is not None else sys.stderr
   try:
@@ -164,7 +168,7 @@ def fetch(
     tmp = Path(tmp_name)
     try:
       with os.fdopen(fd, "wb") as out:
-        digest = _stream_to(url, out, size=size, timeout=timeout, desc=dest.name, stream=stream)
+        digest = _stream_to(url, out, size=size, timeout=timeout, desc=what, stream=stream)
       if accepted and digest not in accepted:
         raise ValueError(f"SHA-256 {digest} is not the published file's")
       if validate is not None:
@@ -176,7 +180,7 @@ def fetch(
     finally:
       tmp.unlink(missing_ok=True)  # after os.replace the name is gone: a no-op
   tried = "; ".join(failures) if failures else "no URL given"
-  raise DownloadError(one_line(f"could not download {dest.name} into {dest.parent}: tried "
+  raise DownloadError(one_line(f"could not download {what} into {dest.parent}: tried "
                                f"{tried}. {offline_hint}"))
 
 

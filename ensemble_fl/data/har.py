@@ -462,7 +462,7 @@ def fetch_uci_har(
 
   archive = download_lib.fetch(urls, folder / _DOWNLOAD_NAME, sha256=accepted,
                                validate=validate, offline_hint=_uci_offline_hint(folder),
-                               stream=stream)
+                               what="the UCI HAR archive", stream=stream)
   try:
     return _write_uci_npz(folder, verified[-1], origin="downloaded")
   finally:
