@@ -48,6 +48,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import errors as flax_errors
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ensemble_fl import fedavg as fedavg_lib
@@ -265,8 +266,36 @@ def _all_combinations(n: int, k: int) -> np.ndarray:
 # Training
 
 
-def _mesh() -> Mesh:
-  return Mesh(np.asarray(jax.devices()), ("models",))
+MODEL_AXIS = "models"
+# A chunk is refused up front when even a lower bound of its memory exceeds
+# this many times what the device has: only clear impossibilities (a batch
+# size of 10^9) are caught, never a run that might fit.
+MEMORY_REFUSAL_FACTOR = 4
+
+
+def _mesh(mesh: Mesh | None) -> Mesh:
+  """The mesh whose ``"models"`` axis a call splits its models over.
+
+  Args:
+    mesh: None (every device, ``jax.devices()``, built once per call) or a
+      1-D :class:`jax.sharding.Mesh` with axis name ``"models"``.
+  """
+  if mesh is None:
+    return Mesh(np.asarray(jax.devices()), (MODEL_AXIS,))
+  if not isinstance(mesh, Mesh):
+    raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
+  if tuple(mesh.axis_names) != (MODEL_AXIS,):
+    raise ValueError(
+        f"mesh must be 1-D with axis name {MODEL_AXIS!r}, got axes {tuple(mesh.axis_names)}")
+  return mesh
+
+
+def _logits_classes(logits: Any) -> int:
+  """C of ``apply_fn``'s traced output for one input, which must be logits ``[1, C]``."""
+  shape = getattr(logits, "shape", None)
+  if shape is None or len(shape) != 2 or shape[0] != 1 or shape[1] < 1:
+    raise ValueError(f"apply_fn must return logits [B, C], got {logits}")
+  return int(shape[1])
 
 
 def models_in_sequence() -> bool:
@@ -376,7 +405,76 @@ def _validate_plan(plan: SubsamplePlan, n: int, config: fedavg_lib.FedAvgConfig)
         f"needs at least {config.min_clients()}")
 
 
-def _fingerprint(config, plan, clients, template, chunk, num_devices, extra) -> dict[str, Any]:
+def _device_memory_bytes(device: jax.Device) -> int | None:
+  """Memory one device may use: its allocator's limit, or physical RAM on a CPU; None if unknown."""
+  if device.platform == "cpu":
+    try:
+      return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or no such name
+      return None
+  try:
+    stats = device.memory_stats()
+  except (NotImplementedError, RuntimeError):  # backends without allocator statistics
+    return None
+  return (stats or {}).get("bytes_limit")
+
+
+def _activation_bytes_per_example(apply_fn: fedavg_lib.ApplyFn, params: PyTree,
+                                  feature_shape: tuple[int, ...]) -> int:
+  """Bytes of the forward pass's values that grow with the batch, per example.
+
+  Traced (not run) on batches of 1 and 2: the difference leaves out values
+  that do not depend on the batch (parameters, their transposes).
+  """
+  def total(batch):
+    jaxpr = jax.make_jaxpr(apply_fn)(
+        params, jax.ShapeDtypeStruct((batch, *feature_shape), jnp.float32))
+    return sum(math.prod(v.aval.shape) * getattr(v.aval.dtype, "itemsize", 0)
+               for eqn in jaxpr.jaxpr.eqns for v in eqn.outvars if hasattr(v.aval, "shape"))
+  return max(0, total(2) - total(1))
+
+
+def _check_chunk_memory(apply_fn: fedavg_lib.ApplyFn, params: PyTree, clients: ClientData,
+                        config: fedavg_lib.FedAvgConfig, subset_width: int, models_at_once: int,
+                        mesh: Mesh) -> None:
+  """Refuses a chunk that clearly cannot fit in memory (``MEMORY_REFUSAL_FACTOR``).
+
+  Estimates, per device: the replicated client data, plus, for each model the
+  device trains at once, one round's minibatch indices (int32 ``[s,
+  local_iters, batch_size]``) and, for the clients trained side by side
+  (``min(s, CLIENT_BLOCK)``), a float32 minibatch ``[batch_size,
+  *feature_shape]`` with its forward activations. Gradients and XLA's own
+  buffers come on top; fusion may save some activations, hence the factor.
+  A process's CPU devices share its RAM.
+
+  Args:
+    params: one model's parameters (shapes suffice).
+  """
+  b, l = config.batch_size, config.local_iters
+  example_bytes = (4 * math.prod(clients.feature_shape)
+                   + _activation_bytes_per_example(apply_fn, params, clients.feature_shape))
+  per_model = (subset_width * l * b * 4
+               + min(subset_width, fedavg_lib.CLIENT_BLOCK) * b * example_bytes)
+  need = 4 * math.prod(np.shape(clients.x)) + models_at_once * per_model
+  local = list(mesh.local_devices)
+  if not local:
+    return
+  if local[0].platform == "cpu":
+    need *= len(local)
+    where = "this machine's RAM"
+  else:
+    where = f"the memory of one {local[0].platform} device"
+  have = _device_memory_bytes(local[0])
+  if have and need > MEMORY_REFUSAL_FACTOR * have:
+    raise ValueError(
+        f"training one chunk needs at least {need / 2**30:,.1f} GiB (batch_size {b} x "
+        f"local_iters {l} x {subset_width} clients per model, {example_bytes} bytes per "
+        f"example with activations, {models_at_once} model(s) at once), over {MEMORY_REFUSAL_FACTOR}x the "
+        f"{have / 2**30:,.1f} GiB of {where}; lower batch_size, local_iters or chunk_size")
+
+
+def _fingerprint(config, plan, clients, template, chunk, num_devices, platform,
+                 extra) -> dict[str, Any]:
   """Everything that determines a checkpointed run's chunks (see ChunkStore)."""
   leaves, _ = jax.tree_util.tree_flatten_with_path(template)
   return {
@@ -390,7 +488,7 @@ def _fingerprint(config, plan, clients, template, chunk, num_devices, extra) -> 
                  for path, leaf in leaves],
       # Bit-identity holds for a fixed chunk program on a fixed device set.
       "chunk_size": chunk,
-      "devices": [num_devices, jax.default_backend()],
+      "devices": [num_devices, platform],
       "extra": extra or {},
   }
 
@@ -401,7 +499,7 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
                    progress: Callable[[int, int], None] | None = None,
                    checkpoint_dir: str | os.PathLike | None = None,
                    fingerprint_extra: dict[str, Any] | None = None,
-                   attack: Any = None) -> PyTree:
+                   attack: Any = None, mesh: Mesh | None = None) -> PyTree:
   """Trains one FedAvg global model per plan row.
 
   Args:
@@ -431,14 +529,24 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
       clean all-False ``attacks.no_attack`` share one program, so a model
       whose subset holds no malicious client is bit-identical to its
       ``no_attack`` twin (``attack=None`` is a different program).
+    mesh: the devices to train on: a 1-D :class:`jax.sharding.Mesh` with
+      axis name ``"models"``, over which each chunk's models are split (as
+      big_vision's trainers take a mesh). None (default): every device,
+      ``Mesh(jax.devices(), ("models",))``. Bit-identity of a resumed run
+      holds on the same mesh size (it is part of the checkpoint fingerprint).
 
   Returns:
     Host numpy params pytree; every leaf has a leading model axis ``N``.
 
   Raises:
-    ValueError: bad clients (see ``validate_clients``), plan/clients mismatch,
-      subsets too small for the aggregator, or a ``checkpoint_dir`` written
-      by a run with a different configuration.
+    ValueError: bad clients (see ``validate_clients``), a model that does not
+      fit ``clients.x`` or has fewer classes (logits ``[B, C]``) than the
+      labels need, plan/clients mismatch, subsets too small for the
+      aggregator, a chunk that clearly cannot fit in memory, or an unusable
+      ``checkpoint_dir``: :class:`~ensemble_fl.checkpoint.ConfigMismatchError`
+      (written by a run with a different configuration) or
+      :class:`~ensemble_fl.checkpoint.DamagedCheckpointError` (a damaged or
+      misplaced file, named in the message; delete it to retrain it).
   """
   if not isinstance(config, fedavg_lib.FedAvgConfig):
     raise ValueError(f"config must be a FedAvgConfig, got {type(config).__name__}")
@@ -457,22 +565,31 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
     attack.check_compatible(clients)
     fingerprint_extra = {**(fingerprint_extra or {}),
                          "attack": array_digest(*jax.tree_util.tree_leaves(attack))}
+  mesh = _mesh(mesh)
   try:  # trace one model on one example: a shape mismatch names clients.x
     params = jax.eval_shape(init_fn, jax.ShapeDtypeStruct((2,), jnp.uint32))
-    jax.eval_shape(apply_fn, params,
-                   jax.ShapeDtypeStruct((1, *clients.feature_shape), jnp.float32))
-  except (TypeError, ValueError) as e:
+    logits = jax.eval_shape(apply_fn, params,
+                            jax.ShapeDtypeStruct((1, *clients.feature_shape), jnp.float32))
+  except (TypeError, ValueError, flax_errors.FlaxError) as e:
     raise ValueError(
         f"init_fn/apply_fn do not fit clients.x of feature shape {clients.feature_shape}: "
         f"{e}") from e
+  num_classes = _logits_classes(logits)
+  real = np.arange(clients.y.shape[1])[None, :] < np.asarray(clients.sizes)[:, None]
+  top_label = int(np.asarray(clients.y)[real].max())
+  if top_label >= num_classes:  # its loss would be NaN: optax indexes past the logits
+    raise ValueError(
+        f"clients.y holds label {top_label} but the model has {num_classes} classes "
+        f"(logits [B, {num_classes}]); labels must lie in [0, {num_classes})")
 
-  mesh = _mesh()
   num_devices = mesh.devices.size
-  model_sharding = NamedSharding(mesh, PartitionSpec("models"))
+  model_sharding = NamedSharding(mesh, PartitionSpec(MODEL_AXIS))
   replicated = NamedSharding(mesh, PartitionSpec())
   total = plan.num_models
   chunk = _round_chunk(chunk_size, total, num_devices)
   sequential = models_in_sequence()
+  _check_chunk_memory(apply_fn, params, clients, config, int(np.shape(plan.subsets)[1]),
+                      1 if sequential else chunk // num_devices, mesh)
 
   subsets_all = np.asarray(plan.subsets, np.int32)
   keys_all = np.asarray(plan.keys, np.uint32)
@@ -492,7 +609,8 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
   if checkpoint_dir is not None:
     template = params  # one model's parameter shapes, traced above
     store = ChunkStore(checkpoint_dir, _fingerprint(
-        config, plan, clients, template, chunk, num_devices, fingerprint_extra))
+        config, plan, clients, template, chunk, num_devices, mesh.devices.flat[0].platform,
+        fingerprint_extra))
     for i, start in enumerate(starts):
       if store.has(i):
         count = min(chunk, total - start)
@@ -547,7 +665,7 @@ _predict_chunk = jax.jit(_predict_chunk_impl, static_argnums=(0,))
 
 def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray, *,
             chunk_size: int | None = None, batch_size: int = 1024,
-            nonfinite: str = "warn") -> np.ndarray:
+            nonfinite: str = "warn", mesh: Mesh | None = None) -> np.ndarray:
   """Every model's predicted label for every input.
 
   A model whose logits hold NaN or inf (training diverged, or an attack
@@ -567,14 +685,18 @@ def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray,
     nonfinite: models with non-finite logits on some input: ``"warn"``
       (a ``RuntimeWarning`` naming them), ``"raise"`` (``ValueError``) or
       ``"ignore"``. :func:`nonfinite_models` finds them from the params.
+    mesh: as in :func:`train_ensemble`: a 1-D mesh with axis ``"models"``, or
+      None for every device.
 
   Returns:
     int32 ``[N, d]``: argmax label of model i on input t.
 
   Raises:
     ValueError: no models, inconsistent model axis, empty or non-finite x,
-      unknown ``nonfinite``, or ``nonfinite="raise"`` and a model's logits
-      are not finite.
+      params that do not fit ``apply_fn`` (another model) or x of another
+      feature shape (found by tracing one model on one input before any
+      work), unknown ``nonfinite``, or ``nonfinite="raise"`` and a model's
+      logits are not finite.
   """
   if nonfinite not in NONFINITE_POLICIES:
     raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
@@ -594,19 +716,19 @@ def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray,
     raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
   check_features("x", x)
   batch_size = _check_pos_int("batch_size", batch_size)
-  try:  # trace one model on one input: a shape mismatch names x, not dot_general
+  mesh = _mesh(mesh)
+  try:  # trace one model on one input: a mismatch names x and the params, not flax's scopes
     out = jax.eval_shape(apply_fn, jax.tree_util.tree_map(lambda l: l[0], stacked_params),
                          jax.ShapeDtypeStruct((1, *x.shape[1:]), jnp.float32))
-  except (TypeError, ValueError) as e:
+  except (TypeError, ValueError, flax_errors.FlaxError) as e:
     raise ValueError(
-        f"x of shape {x.shape} does not fit apply_fn with these stacked_params: {e}") from e
-  if not hasattr(out, "shape") or len(out.shape) != 2 or out.shape[0] != 1:
-    raise ValueError(f"apply_fn must return logits [B, C], got {out}")
+        f"x of shape {x.shape} and these stacked_params do not fit apply_fn (another model's "
+        f"params, or inputs of another feature shape): {e}") from e
+  _logits_classes(out)
   x = x.astype(np.float32)
   d = x.shape[0]
 
-  mesh = _mesh()
-  model_sharding = NamedSharding(mesh, PartitionSpec("models"))
+  model_sharding = NamedSharding(mesh, PartitionSpec(MODEL_AXIS))
   replicated = NamedSharding(mesh, PartitionSpec())
   bs = min(batch_size, d)
   if chunk_size is None:

@@ -1,13 +1,21 @@
-"""A checkpointed ensemble run survives SIGKILL and resumes to the same result."""
+"""A checkpointed ensemble run survives SIGKILL and resumes to the same result, and never
+resumes from chunks of another configuration or of another index."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import pytest
+
+from ensemble_fl import ensemble
+from ensemble_fl.checkpoint import ConfigMismatchError, DamagedCheckpointError
+from ensemble_fl.fedavg import FedAvgConfig
+from tiny_model import apply_fn, init_fn, make_clients
 
 # Trains 6 chunks of one tiny model each; prints after every chunk so the
 # parent can kill it mid-run; saves the final params (and the first progress
@@ -111,3 +119,58 @@ def test_complete_checkpoint_trains_nothing(child, uninterrupted, tmp_path):
   b = np.load(tmp_path / "b.npz")
   assert int(b["first_report"]) == 15  # everything came from disk
   np.testing.assert_array_equal(b["kernel"], uninterrupted["kernel"])
+
+
+# In-process: what a user can do to a checkpoint folder between two runs.
+
+_CONFIG = FedAvgConfig(global_iters=3, local_iters=2, lr=0.3, batch_size=4)
+_PLAN = ensemble.make_plan("monte_carlo", n=6, k=3, num_models=6, seed=3)  # 2 chunks of 3
+
+
+def _train(run_dir, config=_CONFIG):
+  reports = []
+  params = ensemble.train_ensemble(init_fn, apply_fn, make_clients(), _PLAN, config,
+                                   chunk_size=3, checkpoint_dir=run_dir,
+                                   progress=lambda done, total: reports.append(done))
+  return params, reports
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory):
+  run_dir = tmp_path_factory.mktemp("checkpointed") / "run"
+  params, _ = _train(run_dir)
+  return run_dir, params
+
+
+def _assert_same(a, b):
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_deleted_manifest_does_not_let_another_config_reuse_chunks(checkpointed, tmp_path):
+  original, params = checkpointed
+  run_dir = tmp_path / "run"
+  shutil.copytree(original, run_dir)
+  (run_dir / "manifest.json").unlink()
+  other = FedAvgConfig(global_iters=3, local_iters=2, lr=0.2, batch_size=4)
+  with pytest.raises(ConfigMismatchError, match=r"chunk_000000\.npz was written by a run with a "
+                     "different configuration"):
+    _train(run_dir, other)
+  # The original configuration still resumes everything, bit for bit.
+  again, reports = _train(run_dir)
+  assert reports == [6]
+  _assert_same(again, params)
+
+
+def test_chunk_copied_over_another_is_refused_then_retrained_once_deleted(checkpointed, tmp_path):
+  original, params = checkpointed
+  run_dir = tmp_path / "run"
+  shutil.copytree(original, run_dir)
+  chunk0 = run_dir / "chunks" / "chunk_000000.npz"
+  shutil.copy(run_dir / "chunks" / "chunk_000001.npz", chunk0)
+  with pytest.raises(DamagedCheckpointError, match=rf"{chunk0} is misplaced .*delete this file"):
+    _train(run_dir)
+  chunk0.unlink()  # what the message tells the user to do
+  again, reports = _train(run_dir)
+  assert reports == [3, 6]  # chunk 1 from disk, chunk 0 trained again
+  _assert_same(again, params)
