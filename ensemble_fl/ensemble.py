@@ -722,8 +722,8 @@ def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray,
                          jax.ShapeDtypeStruct((1, *x.shape[1:]), jnp.float32))
   except (TypeError, ValueError, flax_errors.FlaxError) as e:
     raise ValueError(
-        f"x of shape {x.shape} and these stacked_params do not fit apply_fn (another model's "
-        f"params, or inputs of another feature shape): {e}") from e
+        f"x of shape {x.shape} does not fit apply_fn with these stacked_params (another "
+        f"model's params, or inputs of another feature shape): {e}") from e
   _logits_classes(out)
   x = x.astype(np.float32)
   d = x.shape[0]

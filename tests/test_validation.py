@@ -94,14 +94,15 @@ def _stacked(module, num=3):
 
 @pytest.mark.parametrize("features", [NUM_FEATURES - 1, NUM_FEATURES + 3])
 def test_predict_refuses_x_of_another_feature_size(params, features):
-  with pytest.raises(ValueError, match=rf"x of shape \(5, {features}\) and these stacked_params "
-                     r"do not fit apply_fn .*kernel"):
+  with pytest.raises(ValueError, match=rf"x of shape \(5, {features}\) does not fit apply_fn "
+                     r"with these stacked_params .*kernel"):
     ensemble.predict(apply_fn, params, np.zeros((5, features), np.float32))
 
 
 @pytest.mark.parametrize("other", [_WiderMLP(), nn.Dense(NUM_CLASSES)], ids=["wider", "dense"])
 def test_predict_refuses_another_models_params(other):
-  with pytest.raises(ValueError, match=r"do not fit apply_fn \(another model's params"):
+  with pytest.raises(ValueError, match=r"does not fit apply_fn with these stacked_params "
+                     r"\(another model's params"):
     ensemble.predict(apply_fn, _stacked(other), np.zeros((5, NUM_FEATURES), np.float32))
 
 
