@@ -293,8 +293,8 @@ class ChunkStore:
     if header.get("fingerprint") != self.fingerprint_digest:
       raise ConfigMismatchError(
           f"checkpoint chunk {index}: {path} was written by a run with a different "
-          f"configuration than {self.run_dir / _MANIFEST} (copied or left here from another "
-          f"run); delete it, or use another output directory")
+          f"configuration than this one (copied or left here from another run); delete it, "
+          f"or use another output directory")
     if header.get("index") != index:
       raise self._damaged(index, path, f"misplaced (it holds chunk {header.get('index')!r}, "
                                        f"not chunk {index}: copied or renamed)")
