@@ -102,6 +102,22 @@ def to_host(array: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
+def broadcast_int(value: int) -> int:
+  """Process 0's ``value`` on every process (``value`` itself on one process).
+
+  Sent as two uint32 words: without jax_enable_x64 an int64 would be cut to
+  32 bits on the way.
+
+  Args:
+    value: an integer in [0, 2**64).
+  """
+  if not is_multiprocess():
+    return int(value)
+  words = np.array([int(value) >> 32, int(value) & 0xFFFFFFFF], np.uint32)
+  hi, lo = np.asarray(multihost_utils.broadcast_one_to_all(words)).astype(np.uint64)
+  return int(hi) << 32 | int(lo)
+
+
 def env_flag_distributed() -> bool:
   """True when the environment asks for a multi-process run (ENSEMBLE_FL_DISTRIBUTED=1)."""
   return os.environ.get("ENSEMBLE_FL_DISTRIBUTED", "") not in ("", "0", "false", "False")

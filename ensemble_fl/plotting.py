@@ -1,4 +1,5 @@
-"""Certified-accuracy figures (the paper's Figures 2-6), with matplotlib's Agg backend.
+"""Every figure: certified accuracy (the paper's Figures 2-6) and the attack check,
+drawn with matplotlib's Agg backend.
 
 matplotlib is an optional dependency: it is imported when a figure is drawn,
 and when it is missing the figure is skipped with a warning (the numbers are
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -18,6 +19,15 @@ import numpy as np
 Curve = tuple[str, Sequence[int], Sequence[float]]
 
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+class AttackPoint(NamedTuple):
+  """One (attack, m) outcome of the attack check, as :func:`plot_attack` draws it."""
+
+  m: int
+  ensemble_accuracy: float
+  single_accuracy: float
+  violated: bool
 
 
 def _pyplot():
@@ -69,6 +79,60 @@ def plot_curves(
     if curves:
       ax.legend()
     fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+  finally:
+    plt.close(fig)
+  return path
+
+
+def plot_attack(
+    path: str | os.PathLike,
+    panels: Mapping[str, Sequence[AttackPoint]],
+    clean_ca: Sequence[float],
+    *,
+    title: str = "",
+) -> Path | None:
+  """Accuracy against m, one panel per attack: the ensemble and single FedAvg
+  under attack, and the clean ensemble's CA@m (``clean_ca[m]``).
+
+  Returns:
+    The path written, or None when matplotlib is unavailable or there is
+    nothing to draw.
+  """
+  if not panels:
+    return None
+  plt, _ = _pyplot()
+  if plt is None:
+    return None
+  fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), dpi=120,
+                           sharey=True, squeeze=False)
+  try:
+    for ax, (name, points) in zip(axes[0], panels.items()):
+      points = sorted(points, key=lambda p: p.m)
+      ms = [p.m for p in points]
+      ax.plot(range(len(clean_ca)), clean_ca, "k--", label="clean CA@m", linewidth=1.2)
+      ax.plot(ms, [p.ensemble_accuracy for p in points], "o-", label="ensemble, attacked")
+      ax.plot(ms, [p.single_accuracy for p in points], "s-", label="single FedAvg, attacked")
+      bad = [p for p in points if p.violated]
+      if bad:
+        ax.plot([p.m for p in bad], [p.ensemble_accuracy for p in bad], "rx", markersize=10,
+                label="violation")
+      ax.set_title(name, fontsize=10)
+      ax.set_xlabel("malicious clients m")
+      ax.set_ylim(-0.02, 1.02)
+      ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes[0][1:]:  # a violation marker may appear in any panel
+      for h, l in zip(*ax.get_legend_handles_labels()):
+        if l not in labels:
+          handles.append(h)
+          labels.append(l)
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+    if title:
+      fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     path = Path(path)
     fig.savefig(path)
   finally:

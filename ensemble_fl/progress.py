@@ -1,4 +1,5 @@
-"""A dependency-free progress bar with an ETA, for long training loops.
+"""Progress and timing of long runs: a dependency-free progress bar with an ETA, and
+:func:`timed`, the wall time of each phase.
 
 ``ProgressBar`` is a callable ``progress(done, total)``, the callback that
 ``ensemble.train_ensemble`` invokes after each chunk of models. It writes to
@@ -15,9 +16,28 @@ estimate); before a second update it falls back to the overall rate.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-from typing import Callable, TextIO
+from typing import Callable, Iterator, TextIO
+
+
+@contextlib.contextmanager
+def timed(timings: dict[str, float], phase: str,
+          log: Callable[[str], None] | None = None) -> Iterator[None]:
+  """Adds the wall time of the ``with`` body to ``timings[phase]`` (summing repeats).
+
+  With ``log``, also reports ``"<phase> ..."`` on entry and the phase's total on exit.
+  """
+  if log is not None:
+    log(f"{phase} ...")
+  start = time.perf_counter()
+  try:
+    yield
+  finally:
+    timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
+  if log is not None:
+    log(f"{phase}: {timings[phase]:.1f} s")
 
 
 def format_bytes(n: float) -> str:
