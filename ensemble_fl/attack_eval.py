@@ -7,7 +7,7 @@ Exact mode only (one model per k-subset, so the certificate is deterministic).
    a level m*_t.
 2. For each attack and each m: choose m malicious clients
    (:func:`ensemble_fl.attacks.choose_malicious`, deterministic, nested in m),
-   retrain, re-vote. Report
+   retrain, re-vote. Report (one :class:`AttackRow` per pair)
 
    - *violations*: inputs with m*_t >= m whose attacked prediction differs
      from y_t (a tie at the top counts as a change). Theorem 1 says there are
@@ -29,136 +29,180 @@ checked at least once.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
-import math
 import os
+import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
+import jax
 import numpy as np
 
-# The flag checks the experiment CLIs use (light: numpy only at import).
-from ensemble_fl.experiment import _is_int, _require
-
-ATTACK_NAMES = ("label_flip", "label_perm", "backdoor", "scaled", "replacement")
-DEFAULT_ATTACKS = ("label_flip", "backdoor", "scaled", "replacement")
-FULL_RETRAIN = ("first", "all", "none")
-DATASETS = ("har", "mnist")
-PRESETS = ("cpu", "paper")
+from ensemble_fl import attacks
+from ensemble_fl import certify
+from ensemble_fl import ensemble
+from ensemble_fl import plotting
+from ensemble_fl import progress as progress_lib
+from ensemble_fl import results
+from ensemble_fl.config import (ATTACK_NAMES, AttackEvalConfig, fedavg_config,
+                                public_plan_seed)
+from ensemble_fl.experiment import Data, check_data, load_data, make_model
 
 
 @dataclasses.dataclass(frozen=True)
-class AttackEvalConfig:
-  """Everything that determines one attack evaluation.
+class BackdoorStats:
+  """The backdoor on the test inputs whose label is not the target, trigger stamped.
 
   Attributes:
-    dataset: "har" (30 volunteers) | "mnist" (``n_clients`` clients).
-    k: subsample size; exact mode trains C(n, k) models.
-    m_values: numbers of malicious clients to try (each >= 1); empty = auto:
-      1, ceil(L / 2) and L for the largest certified level L.
-    attacks: names from :data:`ATTACK_NAMES`.
-    global_iters, local_iters, lr, batch_size: FedAvg.
-    seed: data split, plan keys, backdoor rows, random client choice.
-    data_dir: data root, None = default.
-    n_clients, q: MNIST split (n clients, non-IID degree q).
-    test_size: first ``test_size`` test inputs only (None = all).
-    choice: "largest" | "random" (see ``attacks.choose_malicious``).
-    scale: factor of the "scaled" attack.
-    boost: fixed factor of the "replacement" attack (None = per subset, the
-      exact model-replacement ratio; see ``attacks.Attack.subset_boost``).
-    target_label: label_flip / backdoor / replacement target.
-    fraction: backdoor: share of a malicious client's rows stamped.
-    full_retrain: "first" | "all" | "none": which pairs retrain all models.
-    chunk_size: models per compiled call (None = trainer default).
+    trigger_inputs: how many such inputs.
+    trigger_certified_inputs: those the clean ensemble certifies at level >= m.
+    trigger_violations: certified ones whose attacked prediction changed.
+    ensemble_backdoor_rate, single_backdoor_rate: share labelled the target
+      under attack (ensemble; single FedAvg); ``*_clean``: without attack.
   """
 
-  dataset: str = "har"
-  k: int = 2
-  m_values: tuple[int, ...] = ()
-  attacks: tuple[str, ...] = DEFAULT_ATTACKS
-  global_iters: int = 5000
-  local_iters: int = 5
-  lr: float = 0.001
-  batch_size: int = 32
-  seed: int = 0
-  data_dir: str | None = None
-  n_clients: int = 30
-  q: float = 0.5
-  test_size: int | None = None
-  choice: str = "largest"
-  scale: float = -100.0
-  boost: float | None = None
-  target_label: int = 0
-  fraction: float = 0.5
-  full_retrain: str = "first"
-  chunk_size: int | None = None
+  trigger_inputs: int
+  trigger_certified_inputs: int
+  trigger_violations: int
+  ensemble_backdoor_rate: float
+  ensemble_backdoor_rate_clean: float
+  single_backdoor_rate: float
+  single_backdoor_rate_clean: float
 
 
-_PAPER = {
-    "har": AttackEvalConfig(),
-    "mnist": AttackEvalConfig(dataset="mnist", n_clients=20, global_iters=3000),
-}
-_CPU = {
-    "har": dict(global_iters=5, lr=0.1),
-    "mnist": dict(global_iters=10, lr=0.1, batch_size=8, test_size=200, chunk_size=19),
-}
+@dataclasses.dataclass(frozen=True)
+class AttackRow:
+  """One (attack, m) pair of the check.
+
+  Attributes:
+    attack: a name from ``config.ATTACK_NAMES``; kind: its ``attacks`` kind.
+    m: number of malicious clients; malicious_ids: which.
+    models_affected: models whose subset holds a malicious client.
+    models_retrained: models trained again (affected + bit-checked clean ones).
+    full_retrain: all models were retrained.
+    clean_models_checked: unaffected models retrained and compared bit for bit.
+    bit_mismatches: of those, how many differ from their clean twin (must be 0).
+    certified_inputs: test inputs certified at level >= m.
+    violations: certified inputs whose attacked prediction changed (must be 0).
+    violation_fraction: violations / certified_inputs (0 when none certified).
+    changed_inputs: inputs whose prediction changed at all.
+    ensemble_attacked_accuracy: the attacked ensemble's accuracy (abstain wrong).
+    ca_at_m: the clean ensemble's CA@m.
+    single_attacked_accuracy: single FedAvg's accuracy under the same attack.
+    ensemble_clean_accuracy, single_clean_accuracy: without attack.
+    nonfinite_models: attacked models with NaN or inf parameters.
+    single_nonfinite: single FedAvg ended with NaN or inf parameters.
+    seconds: wall time of this pair.
+    backdoor: the backdoor's own statistics (backdoor attacks only).
+  """
+
+  attack: str
+  kind: str
+  m: int
+  malicious_ids: tuple[int, ...]
+  models_affected: int
+  models_retrained: int
+  full_retrain: bool
+  clean_models_checked: int
+  bit_mismatches: int
+  certified_inputs: int
+  violations: int
+  violation_fraction: float
+  changed_inputs: int
+  ensemble_attacked_accuracy: float
+  ca_at_m: float
+  single_attacked_accuracy: float
+  ensemble_clean_accuracy: float
+  single_clean_accuracy: float
+  nonfinite_models: int
+  single_nonfinite: bool
+  seconds: float
+  backdoor: BackdoorStats | None = None
+
+  @property
+  def total_violations(self) -> int:
+    return self.violations + (self.backdoor.trigger_violations if self.backdoor else 0)
+
+  def to_dict(self) -> dict[str, Any]:
+    """A flat JSON-ready dict (the backdoor's fields next to the others)."""
+    row = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "backdoor"}
+    row["malicious_ids"] = list(self.malicious_ids)
+    if self.backdoor is not None:
+      row.update(dataclasses.asdict(self.backdoor))
+    return row
 
 
-def preset(dataset: str, name: str = "cpu") -> AttackEvalConfig:
-  """The named preset ("cpu" | "paper") of ``dataset`` ("har" | "mnist")."""
-  if dataset not in DATASETS:
-    raise ValueError(f"--dataset must be one of {DATASETS}, got {dataset!r}")
-  if name not in PRESETS:
-    raise ValueError(f"--preset must be one of {PRESETS}, got {name!r}")
-  cfg = _PAPER[dataset]
-  return dataclasses.replace(cfg, **_CPU[dataset]) if name == "cpu" else cfg
+@dataclasses.dataclass(frozen=True)
+class CleanSummary:
+  """The clean ensemble and single FedAvg.
+
+  Attributes:
+    ensemble_accuracy: CA@0 of the clean ensemble (abstentions wrong).
+    single_accuracy: single FedAvg's accuracy.
+    max_level: the largest certified level.
+    ca: CA@m for m = 0 .. max_level + 1.
+    level_histogram: level -> number of test inputs.
+  """
+
+  ensemble_accuracy: float
+  single_accuracy: float
+  max_level: int
+  ca: tuple[float, ...]
+  level_histogram: dict[int, int]
 
 
+@dataclasses.dataclass(frozen=True)
+class AttackEvalResult:
+  """What the check found (:func:`write_outputs` writes it)."""
 
-def validate(cfg: AttackEvalConfig, n: int | None = None) -> None:
-  """Checks ``cfg`` (``n``: the number of clients when known). Raises ValueError."""
-  _require(cfg.dataset in DATASETS, f"--dataset must be one of {DATASETS}, got {cfg.dataset!r}")
-  n = n if n is not None else (30 if cfg.dataset == "har" else cfg.n_clients)
-  for name, flag, lo in (("k", "--k", 1), ("global_iters", "--global-iters", 1),
-                         ("local_iters", "--local-iters", 1), ("batch_size", "--batch-size", 1),
-                         ("seed", "--seed", 0), ("n_clients", "--n-clients", 2)):
-    v = getattr(cfg, name)
-    _require(_is_int(v) and v >= lo, f"{flag} must be an integer >= {lo}, got {v!r}")
-  _require(cfg.k < n, f"--k must be < n = {n} (some client must stay honest), got {cfg.k}")
-  _require(math.comb(n, cfg.k) <= 20_000,
-           f"exact mode trains C({n}, {cfg.k}) = {math.comb(n, cfg.k)} models; at most 20000")
-  _require(isinstance(cfg.lr, float) and math.isfinite(cfg.lr) and cfg.lr > 0,
-           f"--lr must be a finite number > 0, got {cfg.lr!r}")
-  _require(len(cfg.attacks) > 0, "--attacks: give at least one attack")
-  for a in cfg.attacks:
-    _require(a in ATTACK_NAMES, f"--attacks: unknown attack {a!r}; choose from {ATTACK_NAMES}")
-  _require(len(set(cfg.attacks)) == len(cfg.attacks), f"--attacks has repeats: {cfg.attacks}")
-  for m in cfg.m_values:
-    _require(_is_int(m) and 1 <= m <= n - cfg.k,
-             f"--m-values must be integers in [1, n - k] = [1, {n - cfg.k}], got {m!r}")
-  _require(len(set(cfg.m_values)) == len(cfg.m_values), f"--m-values has repeats: {cfg.m_values}")
-  _require(cfg.choice in ("largest", "random"),
-           f"--choice must be 'largest' or 'random', got {cfg.choice!r}")
-  _require(math.isfinite(cfg.scale), f"--scale must be finite, got {cfg.scale!r}")
-  _require(cfg.boost is None or math.isfinite(cfg.boost), f"--boost must be finite, got {cfg.boost!r}")
-  _require(0.0 < cfg.fraction <= 1.0, f"--fraction must be in (0, 1], got {cfg.fraction!r}")
-  _require(0.0 <= cfg.q <= 1.0, f"--q must be in [0, 1], got {cfg.q!r}")
-  _require(_is_int(cfg.target_label) and cfg.target_label >= 0,
-           f"--target-label must be an integer >= 0, got {cfg.target_label!r}")
-  _require(cfg.full_retrain in FULL_RETRAIN,
-           f"--full-retrain must be one of {FULL_RETRAIN}, got {cfg.full_retrain!r}")
-  from ensemble_fl import experiment  # pylint: disable=g-import-not-at-top
-  experiment.check_run_options(chunk_size=cfg.chunk_size, test_size=cfg.test_size,
-                               data_dir=cfg.data_dir)
+  config: AttackEvalConfig
+  data_source: str
+  n: int
+  k: int
+  num_models: int
+  num_classes: int
+  test_inputs: int
+  chunk_size: int
+  m_values: tuple[int, ...]
+  clean: CleanSummary
+  rows: tuple[AttackRow, ...]
+  timings: dict[str, float]
+  environment: dict[str, Any]
 
+  @property
+  def total_violations(self) -> int:
+    return sum(r.total_violations for r in self.rows)
 
-def load_data(cfg: AttackEvalConfig):
-  """The data of ``cfg`` via the experiment pipeline's loader (``experiment.Data``)."""
-  from ensemble_fl import experiment  # pylint: disable=g-import-not-at-top
-  ecfg = experiment.ExperimentConfig(
-      dataset=cfg.dataset, n_clients=cfg.n_clients if cfg.dataset == "mnist" else 30, k=cfg.k,
-      q=cfg.q, seed=cfg.seed, data_dir=cfg.data_dir, test_size=cfg.test_size)
-  return experiment.load_data(ecfg)
+  @property
+  def total_bit_mismatches(self) -> int:
+    return sum(r.bit_mismatches for r in self.rows)
+
+  @property
+  def total_clean_models_checked(self) -> int:
+    return sum(r.clean_models_checked for r in self.rows)
+
+  def to_dict(self) -> dict[str, Any]:
+    """The JSON written to ``attack_results.json``."""
+    c = self.clean
+    return {
+        "config": dataclasses.asdict(self.config),
+        "data_source": self.data_source,
+        "n": self.n, "k": self.k, "num_models": self.num_models,
+        "num_classes": self.num_classes, "test_inputs": self.test_inputs,
+        "chunk_size": self.chunk_size, "m_values": list(self.m_values),
+        "clean": {
+            "ensemble_accuracy": c.ensemble_accuracy, "single_accuracy": c.single_accuracy,
+            "max_level": c.max_level, "ca": {str(m): v for m, v in enumerate(c.ca)},
+            "level_histogram": {str(l): n for l, n in c.level_histogram.items()},
+        },
+        "rows": [r.to_dict() for r in self.rows],
+        "total_violations": self.total_violations,
+        "total_bit_mismatches": self.total_bit_mismatches,
+        "total_clean_models_checked": self.total_clean_models_checked,
+        "timings": self.timings,
+        "environment": self.environment,
+    }
 
 
 def auto_m_values(max_level: int) -> tuple[int, ...]:
@@ -169,7 +213,7 @@ def auto_m_values(max_level: int) -> tuple[int, ...]:
 
 
 def attack_kwargs(name: str, cfg: AttackEvalConfig, num_classes: int) -> tuple[str, dict]:
-  """``(kind, make_attack keyword arguments)`` of the CLI attack ``name``."""
+  """``(kind, make_attack keyword arguments)`` of the attack ``name``."""
   if name == "label_flip":
     return "label_flip", dict(target_label=cfg.target_label)
   if name == "label_perm":
@@ -183,20 +227,15 @@ def attack_kwargs(name: str, cfg: AttackEvalConfig, num_classes: int) -> tuple[s
   raise ValueError(f"unknown attack {name!r}; choose from {ATTACK_NAMES}")
 
 
-def _leaves(tree) -> list[np.ndarray]:
-  import jax  # pylint: disable=g-import-not-at-top
-  return [np.asarray(l) for l in jax.tree_util.tree_leaves(tree)]
-
-
 def _rows(tree, rows: np.ndarray):
-  import jax  # pylint: disable=g-import-not-at-top
   return jax.tree_util.tree_map(lambda l: np.asarray(l)[rows], tree)
 
 
 def bit_mismatches(a, b) -> np.ndarray:
   """bool ``[N]``: model i of stacked params ``a`` differs in any bit from ``b``'s."""
   out = None
-  for x, y in zip(_leaves(a), _leaves(b)):
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    x, y = np.asarray(x), np.asarray(y)
     x = x.reshape(x.shape[0], -1).view(np.uint8 if x.dtype.itemsize == 1 else
                                        {2: np.uint16, 4: np.uint32, 8: np.uint64}[x.dtype.itemsize])
     y = y.reshape(y.shape[0], -1).view(x.dtype)
@@ -225,426 +264,291 @@ def retrain_rows(affected: np.ndarray, chunk: int, full: bool) -> np.ndarray:
   return np.sort(np.concatenate([np.flatnonzero(affected), fill]))
 
 
-@dataclasses.dataclass
-class CleanRun:
-  """The clean ensemble and its certificate."""
-
-  params: Any
-  predictions: np.ndarray  # int32 [N, d]
-  certificate: Any
-  single_labels: np.ndarray  # int32 [d]
-  chunk: int
+# ---------------------------------------------------------------------------
+# The check.
+# ---------------------------------------------------------------------------
 
 
-def run(cfg: AttackEvalConfig, data=None, *, log: Callable[[str], None] = print,
-        timings: dict[str, float] | None = None) -> dict[str, Any]:
-  """Runs the whole check; returns a JSON-ready dict (see :func:`write_outputs`)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from ensemble_fl import attacks, certify, ensemble, experiment, fedavg  # pylint: disable=g-import-not-at-top
+class _Check:
+  """The clean run, and one attacked run per (attack, m) pair on top of it."""
 
-  start = time.perf_counter()
+  def __init__(self, cfg: AttackEvalConfig, data: Data, log: Callable[[str], None],
+               timings: dict[str, float]):
+    self.cfg, self.data, self.log, self.timings = cfg, data, log, timings
+    self.clients = data.clients
+    self.x_test, self.y_test = data.x_test, np.asarray(data.y_test, np.int32)
+    self.n, self.num_classes = self.clients.num_clients, data.num_classes
+    model = make_model(cfg.dataset, self.num_classes, self.clients.feature_shape)
+    self.init_fn, self.apply_fn = model.init_fn, model.apply_fn
+    self.template = self.init_fn(jax.random.PRNGKey(0))
+    self.fed = fedavg_config(cfg)
+    self.plan = ensemble.make_plan("exact", n=self.n, k=cfg.k, seed=public_plan_seed(cfg))
+    self.single_plan = ensemble.make_plan("partition", n=self.n, num_models=1, seed=cfg.seed)
+    # The clean run's chunk; every retrain uses it (whole chunks), so one program.
+    self.chunk = ensemble.round_chunk(cfg.chunk_size, self.plan.num_models, jax.device_count())
+    self.clean_attack = attacks.no_attack(self.clients, num_classes=self.num_classes,
+                                          params_template=self.template)
+    self._triggered = None  # backdoor: the triggered test inputs (see _trigger_set)
+
+  def timed(self, phase: str):
+    return progress_lib.timed(self.timings, phase)
+
+  def train(self, plan, attack):
+    return ensemble.train_ensemble(self.init_fn, self.apply_fn, self.clients, plan, self.fed,
+                                   chunk_size=self.chunk, attack=attack)
+
+  def predict(self, params, x, nonfinite: str = "warn") -> np.ndarray:
+    with self.timed("predict"):
+      return np.asarray(ensemble.predict(self.apply_fn, params, x, nonfinite=nonfinite))
+
+  def certify(self, predictions) -> certify.Certificate:
+    return certify.certify(predictions, num_classes=self.num_classes, n=self.n, k=self.cfg.k,
+                           mode="exact")
+
+  def run_clean(self) -> None:
+    with self.timed("train_clean"):
+      self.clean_params = self.train(self.plan, self.clean_attack)
+    self.clean_preds = self.predict(self.clean_params, self.x_test)
+    self.clean_cert = self.certify(self.clean_preds)
+    self.levels = np.asarray(self.clean_cert.levels)
+    with self.timed("train_single"):
+      single_params = self.train(self.single_plan, self.clean_attack)
+    self.single_clean = self.predict(single_params, self.x_test)[0]
+    max_level = int(self.levels.max())
+    ca = certify.certified_accuracy(self.clean_cert, self.y_test, np.arange(max_level + 2))
+    self.clean = CleanSummary(
+        ensemble_accuracy=float(np.mean(np.asarray(self.clean_cert.labels) == self.y_test)),
+        single_accuracy=float(np.mean(self.single_clean == self.y_test)),
+        max_level=max_level, ca=tuple(float(v) for v in ca),
+        level_histogram={int(l): int(c) for l, c in zip(*np.unique(self.levels,
+                                                                   return_counts=True))})
+
+  def attack_row(self, name: str, m: int, full: bool) -> AttackRow:
+    """Retrains what ``m`` clients running attack ``name`` touch, and compares."""
+    start = time.perf_counter()
+    cfg = self.cfg
+    kind, kwargs = attack_kwargs(name, cfg, self.num_classes)
+    ids = attacks.choose_malicious(self.clients.sizes, m, strategy=cfg.choice, seed=cfg.seed)
+    atk = attacks.make_attack(kind, ids, self.clients, num_classes=self.num_classes,
+                              params_template=self.template, **kwargs)
+    affected = np.any(np.isin(self.plan.subsets, ids), axis=1)
+    rows = retrain_rows(affected, self.chunk, full)
+    sub = dataclasses.replace(self.plan, subsets=self.plan.subsets[rows],
+                              keys=self.plan.keys[rows])
+    with self.timed("train_attacked"):
+      params = self.train(sub, atk)
+    untouched = ~affected[rows]
+    mismatch = bit_mismatches(_rows(params, np.flatnonzero(untouched)),
+                              _rows(self.clean_params, rows[untouched])) if untouched.any() \
+        else np.zeros(0, bool)
+    hit = np.flatnonzero(affected[rows])  # positions in `rows` of the affected models
+    # Unaffected models keep their clean votes (bit-identical, checked above).
+    preds = self.clean_preds.copy()
+    if hit.size:
+      preds[rows[hit]] = self.predict(_rows(params, hit), self.x_test, nonfinite="ignore")
+    att_labels = np.asarray(self.certify(preds).labels)
+    covered = self.levels >= m
+    changed = att_labels != np.asarray(self.clean_cert.labels)
+    violations = int(np.sum(changed & covered))
+    with self.timed("train_single"):
+      single_params = self.train(self.single_plan, atk)
+    single_att = self.predict(single_params, self.x_test, nonfinite="ignore")[0]
+    backdoor = None
+    if kind == "backdoor":
+      attacked = _rows(params, hit)
+      backdoor = self._backdoor_stats(atk, m, rows[hit], attacked, single_params)
+    return AttackRow(
+        attack=name, kind=kind, m=int(m), malicious_ids=tuple(int(i) for i in ids),
+        models_affected=int(affected.sum()), models_retrained=int(rows.size),
+        full_retrain=bool(rows.size == self.plan.num_models),
+        clean_models_checked=int(untouched.sum()), bit_mismatches=int(mismatch.sum()),
+        certified_inputs=int(covered.sum()), violations=violations,
+        violation_fraction=violations / max(1, int(covered.sum())),
+        changed_inputs=int(changed.sum()),
+        ensemble_attacked_accuracy=float(np.mean(att_labels == self.y_test)),
+        ca_at_m=float(certify.certified_accuracy(self.clean_cert, self.y_test, [m])[0]),
+        single_attacked_accuracy=float(np.mean(single_att == self.y_test)),
+        # Attacks may blow models up; a NaN model votes argmax(NaN) = class 0.
+        nonfinite_models=int(np.isin(ensemble.nonfinite_models(params), hit).sum()),
+        single_nonfinite=bool(ensemble.nonfinite_models(single_params).size),
+        ensemble_clean_accuracy=self.clean.ensemble_accuracy,
+        single_clean_accuracy=self.clean.single_accuracy,
+        seconds=time.perf_counter() - start, backdoor=backdoor)
+
+  def _trigger_set(self, atk):
+    """``(x, clean votes, clean certificate, clean single labels)`` of the test
+    inputs whose label is not the target, with the backdoor trigger stamped
+    (computed at the first backdoor pair: the trigger does not depend on m)."""
+    if self._triggered is None:
+      keep = np.flatnonzero(self.y_test != self.cfg.target_label)
+      mask = np.asarray(atk.trigger_mask)
+      x = np.where(mask[None], np.asarray(atk.trigger_value, np.float32)[None],
+                   self.x_test[keep]).astype(np.float32)
+      preds = self.predict(self.clean_params, x)
+      with self.timed("train_single"):
+        single_params = self.train(self.single_plan, self.clean_attack)
+      single = self.predict(single_params, x)[0]
+      self._triggered = (x, preds, self.certify(preds), single)
+    return self._triggered
+
+  def _backdoor_stats(self, atk, m: int, attacked_rows: np.ndarray, attacked_params,
+                      single_params) -> BackdoorStats:
+    """Backdoor success (share of triggered inputs labelled the target), clean
+    and attacked, and the certificate check on the triggered inputs too.
+
+    Args:
+      attacked_rows: plan rows of the models the attack touched;
+        attacked_params: their params, stacked in the same order.
+    """
+    target = self.cfg.target_label
+    x, clean_preds, clean_cert, single_clean = self._trigger_set(atk)
+    preds = clean_preds.copy()
+    if attacked_rows.size:
+      preds[attacked_rows] = self.predict(attacked_params, x, nonfinite="ignore")
+    labels = np.asarray(self.certify(preds).labels)
+    clean_labels = np.asarray(clean_cert.labels)
+    covered = np.asarray(clean_cert.levels) >= m
+    single = self.predict(single_params, x, nonfinite="ignore")[0]
+    return BackdoorStats(
+        trigger_inputs=int(x.shape[0]),
+        trigger_certified_inputs=int(covered.sum()),
+        trigger_violations=int(np.sum((labels != clean_labels) & covered)),
+        ensemble_backdoor_rate=float(np.mean(labels == target)),
+        ensemble_backdoor_rate_clean=float(np.mean(clean_labels == target)),
+        single_backdoor_rate=float(np.mean(single == target)),
+        single_backdoor_rate_clean=float(np.mean(single_clean == target)))
+
+
+def _log_row(log: Callable[[str], None], row: AttackRow, target: int) -> None:
+  b = row.backdoor
+  if b is not None:
+    log(f"{row.attack:12s} m={row.m:2d}: triggered inputs labelled {target}: ensemble "
+        f"{b.ensemble_backdoor_rate:.4f} (clean {b.ensemble_backdoor_rate_clean:.4f}), single "
+        f"{b.single_backdoor_rate:.4f} (clean {b.single_backdoor_rate_clean:.4f}); certified "
+        f"triggered inputs changed: {b.trigger_violations}/{b.trigger_certified_inputs}")
+  log(f"{row.attack:12s} m={row.m:2d}: {row.models_affected:4d} models affected, "
+      f"{row.models_retrained:4d} retrained, {row.clean_models_checked:4d} clean checked "
+      f"({row.bit_mismatches} bit mismatches); violations {row.violations}/"
+      f"{row.certified_inputs}; accuracy ensemble {row.ensemble_attacked_accuracy:.4f} "
+      f"(CA@{row.m} {row.ca_at_m:.4f}), single {row.single_attacked_accuracy:.4f}; "
+      f"{row.nonfinite_models} ensemble models"
+      f"{' and single FedAvg' if row.single_nonfinite else ''} non-finite; "
+      f"{row.seconds:.1f} s")
+
+
+def run(cfg: AttackEvalConfig, data: Data | None = None, *,
+        log: Callable[[str], None] = print,
+        timings: dict[str, float] | None = None) -> AttackEvalResult:
+  """Runs the whole check (no files written).
+
+  Raises:
+    FileNotFoundError / ValueError: missing or malformed data.
+    ConfigError: the data does not match ``cfg`` (its number of clients).
+  """
   timings = dict(timings or {})
-  validate(cfg)
   if data is None:
-    t = time.perf_counter()
-    data = load_data(cfg)
-    timings["load_data"] = time.perf_counter() - t
-  clients, x_test, y_test = data.clients, data.x_test, np.asarray(data.y_test, np.int32)
-  n, num_classes = clients.num_clients, data.num_classes
-  validate(cfg, n)
-  _require(cfg.target_label < num_classes,
-           f"--target-label must be in [0, {num_classes}), got {cfg.target_label}")
-  model = experiment.make_model(cfg.dataset, num_classes, clients.feature_shape)
-  init_fn, apply_fn = model[0], model[1]  # experiment.Model (init_fn, apply_fn, ...)
-  template = init_fn(jax.random.PRNGKey(0))
-  fed = fedavg.FedAvgConfig(global_iters=cfg.global_iters, local_iters=cfg.local_iters,
-                            lr=cfg.lr, batch_size=cfg.batch_size)
-  plan = ensemble.make_plan("exact", n=n, k=cfg.k, seed=cfg.seed)
-  single_plan = ensemble.make_plan("partition", n=n, num_models=1, seed=cfg.seed)
-  total = plan.num_models
-  # The clean run's chunk; every retrain uses it (whole chunks), so one program.
-  chunk = ensemble._round_chunk(cfg.chunk_size, total, jax.device_count())  # pylint: disable=protected-access
-  log(f"{data.source}; exact mode, N = C({n}, {cfg.k}) = {total} models, chunk {chunk}; "
-      f"{len(y_test)} test inputs")
-
-  def train(p, attack):
-    return ensemble.train_ensemble(init_fn, apply_fn, clients, p, fed, chunk_size=chunk,
-                                   attack=attack)
-
-  def timed(phase, fn, *args):
-    t = time.perf_counter()
-    out = fn(*args)
-    timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - t
-    return out
-
-  clean_attack = attacks.no_attack(clients, num_classes=num_classes, params_template=template)
-  clean_params = timed("train_clean", train, plan, clean_attack)
-  clean_preds = timed("predict", lambda: np.asarray(ensemble.predict(apply_fn, clean_params,
-                                                                     x_test)))
-  cert = certify.certify(clean_preds, num_classes=num_classes, n=n, k=cfg.k, mode="exact")
-  levels = np.asarray(cert.levels)
-  max_level = int(levels.max())
-  single_clean = timed("train_single", lambda: np.asarray(ensemble.predict(
-      apply_fn, train(single_plan, clean_attack), x_test))[0])
-  m_values = tuple(cfg.m_values) or auto_m_values(max_level)
-  ca_all = certify.certified_accuracy(cert, y_test, np.arange(max_level + 2))
-  clean_acc = float(np.mean(np.asarray(cert.labels) == y_test))
-  single_clean_acc = float(np.mean(single_clean == y_test))
-  log(f"clean: ensemble accuracy {clean_acc:.4f}, largest certified level {max_level}, "
-      f"single FedAvg accuracy {single_clean_acc:.4f}; m values {list(m_values)}")
+    with progress_lib.timed(timings, "load_data"):
+      data = load_data(cfg)
+  start = time.perf_counter()
+  check_data(cfg, data)
+  check = _Check(cfg, data, log, timings)
+  log(f"{data.source}; exact mode, N = C({check.n}, {cfg.k}) = {check.plan.num_models} "
+      f"models, chunk {check.chunk}; {len(check.y_test)} test inputs")
+  check.run_clean()
+  clean = check.clean
+  m_values = tuple(cfg.m_values) or auto_m_values(clean.max_level)
+  log(f"clean: ensemble accuracy {clean.ensemble_accuracy:.4f}, largest certified level "
+      f"{clean.max_level}, single FedAvg accuracy {clean.single_accuracy:.4f}; m values "
+      f"{list(m_values)}")
   if not m_values:
     log("no input is certified at m >= 1: nothing to attack")
-
-  rows_out = []
-  first = True
-  trig = None  # backdoor: the triggered test inputs, their clean votes and certificate
+  rows = []
   for name in cfg.attacks:
-    kind, kwargs = attack_kwargs(name, cfg, num_classes)
     for m in m_values:
-      t0 = time.perf_counter()
-      ids = attacks.choose_malicious(clients.sizes, m, strategy=cfg.choice, seed=cfg.seed)
-      atk = attacks.make_attack(kind, ids, clients, num_classes=num_classes,
-                                params_template=template, **kwargs)
-      affected = np.any(np.isin(plan.subsets, ids), axis=1)
-      full = cfg.full_retrain == "all" or (cfg.full_retrain == "first" and first)
-      first = False
-      rows = retrain_rows(affected, chunk, full)
-      sub = ensemble.SubsamplePlan(plan.mode, plan.subsets[rows], plan.keys[rows], n, cfg.k)
-      params = timed("train_attacked", train, sub, atk)
-      untouched = ~affected[rows]
-      mismatch = bit_mismatches(_rows(params, np.flatnonzero(untouched)),
-                                _rows(clean_params, rows[untouched])) if untouched.any() \
-          else np.zeros(0, bool)
-      preds = clean_preds.copy()
-      hit = np.flatnonzero(affected[rows])
-      if hit.size:
-        preds[rows[hit]] = timed("predict", lambda: np.asarray(
-            ensemble.predict(apply_fn, _rows(params, hit), x_test, nonfinite="ignore")))
-      # Unaffected models keep their clean votes (bit-identical, checked above).
-      cert_att = certify.certify(preds, num_classes=num_classes, n=n, k=cfg.k, mode="exact")
-      att_labels = np.asarray(cert_att.labels)
-      covered = levels >= m
-      changed = att_labels != np.asarray(cert.labels)
-      violations = int(np.sum(changed & covered))
-      single_params = timed("train_single", train, single_plan, atk)
-      single_att = timed("predict", lambda: np.asarray(ensemble.predict(
-          apply_fn, single_params, x_test, nonfinite="ignore"))[0])
-      row = {
-          "attack": name, "kind": kind, "m": int(m), "malicious_ids": ids.tolist(),
-          "models_affected": int(affected.sum()), "models_retrained": int(rows.size),
-          "full_retrain": bool(rows.size == total),
-          "clean_models_checked": int(untouched.sum()),
-          "bit_mismatches": int(mismatch.sum()),
-          "certified_inputs": int(covered.sum()),
-          "violations": violations,
-          "violation_fraction": violations / max(1, int(covered.sum())),
-          "changed_inputs": int(changed.sum()),
-          "ensemble_attacked_accuracy": float(np.mean(att_labels == y_test)),
-          "ca_at_m": float(certify.certified_accuracy(cert, y_test, [m])[0]),
-          "single_attacked_accuracy": float(np.mean(single_att == y_test)),
-          # Attacks may blow models up; a NaN model votes argmax(NaN) = class 0.
-          "nonfinite_models": int(np.isin(ensemble.nonfinite_models(params), hit).sum()),
-          "single_nonfinite": bool(ensemble.nonfinite_models(single_params).size),
-          "ensemble_clean_accuracy": clean_acc,
-          "single_clean_accuracy": single_clean_acc,
-          "seconds": time.perf_counter() - t0,
-      }
-      if kind == "backdoor":
-        if trig is None:
-          trig = _triggered_inputs(atk, x_test, y_test, cfg.target_label)
-          trig["preds"] = timed("predict", lambda: np.asarray(
-              ensemble.predict(apply_fn, clean_params, trig["x"])))
-          trig["cert"] = certify.certify(trig["preds"], num_classes=num_classes, n=n, k=cfg.k,
-                                         mode="exact")
-          trig["single_clean"] = timed("predict", lambda: np.asarray(
-              ensemble.predict(apply_fn, train(single_plan, clean_attack), trig["x"]))[0])
-        row.update(_backdoor_stats(trig, m, cfg.target_label, rows, hit, params, single_params,
-                                   apply_fn, num_classes, n, cfg.k, timed))
-      rows_out.append(row)
-      if kind == "backdoor":
-        log(f"{name:12s} m={m:2d}: triggered inputs labelled {cfg.target_label}: ensemble "
-            f"{row['ensemble_backdoor_rate']:.4f} (clean {row['ensemble_backdoor_rate_clean']:.4f})"
-            f", single {row['single_backdoor_rate']:.4f} (clean "
-            f"{row['single_backdoor_rate_clean']:.4f}); certified triggered inputs changed: "
-            f"{row['trigger_violations']}/{row['trigger_certified_inputs']}")
-      log(f"{name:12s} m={m:2d}: {row['models_affected']:4d} models affected, "
-          f"{row['models_retrained']:4d} retrained, {row['clean_models_checked']:4d} clean "
-          f"checked ({row['bit_mismatches']} bit mismatches); violations "
-          f"{violations}/{row['certified_inputs']}; accuracy ensemble "
-          f"{row['ensemble_attacked_accuracy']:.4f} (CA@{m} {row['ca_at_m']:.4f}), single "
-          f"{row['single_attacked_accuracy']:.4f}; {row['nonfinite_models']} ensemble models"
-          f"{' and single FedAvg' if row['single_nonfinite'] else ''} non-finite; "
-          f"{row['seconds']:.1f} s")
-  timings["total"] = sum(v for k_, v in timings.items() if k_ == "load_data") + \
-      time.perf_counter() - start
-  from ensemble_fl import results  # pylint: disable=g-import-not-at-top
-  return {
-      "config": dataclasses.asdict(cfg),
-      "data_source": data.source,
-      "n": n, "k": cfg.k, "num_models": total, "num_classes": num_classes,
-      "test_inputs": int(len(y_test)), "chunk_size": chunk,
-      "m_values": [int(m) for m in m_values],
-      "clean": {
-          "ensemble_accuracy": clean_acc, "single_accuracy": single_clean_acc,
-          "max_level": max_level,
-          "ca": {str(m): float(v) for m, v in enumerate(ca_all)},
-          "level_histogram": {str(l): int(c) for l, c in
-                              zip(*np.unique(levels, return_counts=True))},
-      },
-      "rows": rows_out,
-      "total_violations": int(sum(r["violations"] + r.get("trigger_violations", 0)
-                                  for r in rows_out)),
-      "total_bit_mismatches": int(sum(r["bit_mismatches"] for r in rows_out)),
-      "total_clean_models_checked": int(sum(r["clean_models_checked"] for r in rows_out)),
-      "timings": timings,
-      "environment": results.environment_info(),
-  }
-
+      full = cfg.full_retrain == "all" or (cfg.full_retrain == "first" and not rows)
+      rows.append(check.attack_row(name, m, full))
+      _log_row(log, rows[-1], cfg.target_label)
+  timings["total"] = timings.get("load_data", 0.0) + time.perf_counter() - start
+  return AttackEvalResult(
+      config=cfg, data_source=data.source, n=check.n, k=cfg.k,
+      num_models=check.plan.num_models, num_classes=check.num_classes,
+      test_inputs=int(len(check.y_test)), chunk_size=check.chunk,
+      m_values=tuple(int(m) for m in m_values), clean=clean, rows=tuple(rows),
+      timings=timings, environment=results.environment_info())
 
 
 # ---------------------------------------------------------------------------
 # Outputs.
+# ---------------------------------------------------------------------------
 
-CSV_FIELDS = ("attack", "m", "models_affected", "models_retrained", "full_retrain",
-              "clean_models_checked", "bit_mismatches", "certified_inputs", "violations",
-              "violation_fraction", "changed_inputs", "ensemble_attacked_accuracy", "ca_at_m",
-              "single_attacked_accuracy", "ensemble_clean_accuracy", "single_clean_accuracy",
-              "nonfinite_models", "single_nonfinite", "seconds", "trigger_inputs",
-              "trigger_certified_inputs", "trigger_violations",
-              "ensemble_backdoor_rate", "ensemble_backdoor_rate_clean", "single_backdoor_rate",
-              "single_backdoor_rate_clean", "malicious_ids")
+# The CSV's columns: the row's numbers, the backdoor's (blank for other attacks), the ids.
+CSV_FIELDS = (tuple(f.name for f in dataclasses.fields(AttackRow)
+                    if f.name not in ("kind", "malicious_ids", "backdoor"))
+              + tuple(f.name for f in dataclasses.fields(BackdoorStats)) + ("malicious_ids",))
 
 
-def write_outputs(out_dir: str | os.PathLike, result: dict[str, Any]) -> list[str]:
+def write_outputs(out_dir: str | os.PathLike, result: AttackEvalResult) -> list[str]:
   """Writes ``attack_results.json``, ``attack_results.csv`` and ``attack.png``."""
-  import csv  # pylint: disable=g-import-not-at-top
-  import json  # pylint: disable=g-import-not-at-top
   os.makedirs(out_dir, exist_ok=True)
   paths = [os.path.join(out_dir, "attack_results.json"),
            os.path.join(out_dir, "attack_results.csv")]
-  with open(paths[0], "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=1)
-    f.write("\n")
+  results.write_json(paths[0], result.to_dict())
   with open(paths[1], "w", newline="", encoding="utf-8") as f:
     w = csv.writer(f)
     w.writerow(CSV_FIELDS)
-    for r in result["rows"]:
-      w.writerow([" ".join(map(str, r[c])) if c == "malicious_ids" else
-                  repr(r[c]) if isinstance(r.get(c), float) else r.get(c, "")
+    for r in result.rows:
+      row = r.to_dict()
+      w.writerow([" ".join(map(str, row[c])) if c == "malicious_ids" else
+                  repr(row[c]) if isinstance(row.get(c), float) else row.get(c, "")
                   for c in CSV_FIELDS])
-  png = plot(os.path.join(out_dir, "attack.png"), result)
+  panels: dict[str, list[plotting.AttackPoint]] = {}
+  for r in result.rows:
+    panels.setdefault(r.attack, []).append(plotting.AttackPoint(
+        r.m, r.ensemble_attacked_accuracy, r.single_attacked_accuracy, r.total_violations > 0))
+  png = plotting.plot_attack(
+      os.path.join(out_dir, "attack.png"), panels, result.clean.ca,
+      title=f"{result.data_source}: N = {result.num_models}, k = {result.k}")
   if png is not None:
-    paths.append(png)
+    paths.append(str(png))
   return paths
 
 
-def plot(path: str, result: dict[str, Any]) -> str | None:
-  """Accuracy against m, one panel per attack: ensemble and single FedAvg under
-  attack, and the clean ensemble's CA@m. None when matplotlib is missing."""
-  try:
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return None
-  names = list(dict.fromkeys(r["attack"] for r in result["rows"]))
-  if not names:
-    return None
-  ca = result["clean"]["ca"]
-  ca_m = [int(m) for m in ca]
-  fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4), dpi=120,
-                           sharey=True, squeeze=False)
-  try:
-    for ax, name in zip(axes[0], names):
-      rows = sorted((r for r in result["rows"] if r["attack"] == name), key=lambda r: r["m"])
-      ms = [r["m"] for r in rows]
-      ax.plot(ca_m, [ca[str(m)] for m in ca_m], "k--", label="clean CA@m", linewidth=1.2)
-      ax.plot(ms, [r["ensemble_attacked_accuracy"] for r in rows], "o-",
-              label="ensemble, attacked")
-      ax.plot(ms, [r["single_attacked_accuracy"] for r in rows], "s-",
-              label="single FedAvg, attacked")
-      bad = [r for r in rows if r["violations"] or r.get("trigger_violations")]
-      if bad:
-        ax.plot([r["m"] for r in bad], [r["ensemble_attacked_accuracy"] for r in bad], "rx",
-                markersize=10, label="violation")
-      ax.set_title(name, fontsize=10)
-      ax.set_xlabel("malicious clients m")
-      ax.set_ylim(-0.02, 1.02)
-      ax.grid(True, alpha=0.3)
-    axes[0][0].set_ylabel("test accuracy")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    for ax in axes[0][1:]:  # a violation marker may appear in any panel
-      for h, l in zip(*ax.get_legend_handles_labels()):
-        if l not in labels:
-          handles.append(h)
-          labels.append(l)
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
-    fig.suptitle(f"{result['data_source']}: N = {result['num_models']}, k = {result['k']}",
-                 fontsize=9)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path)
-  finally:
-    plt.close(fig)
-  return path
-
-
-def summary_table(result: dict[str, Any]) -> str:
+def summary_table(result: AttackEvalResult) -> str:
   """A plain-text table of the rows."""
   head = (f"{'attack':12s} {'m':>3s} {'affected':>8s} {'checked':>7s} {'bits≠':>5s} "
           f"{'certified':>9s} {'viol.':>5s} {'ens.acc':>7s} {'CA@m':>6s} {'single':>6s} "
           f"{'non-finite':>10s}")
   lines = [head, "-" * len(head)]
-  for r in result["rows"]:
+  for r in result.rows:
     lines.append(
-        f"{r['attack']:12s} {r['m']:3d} {r['models_affected']:8d} {r['clean_models_checked']:7d} "
-        f"{r['bit_mismatches']:5d} {r['certified_inputs']:9d} {r['violations']:5d} "
-        f"{r['ensemble_attacked_accuracy']:7.4f} {r['ca_at_m']:6.4f} "
-        f"{r['single_attacked_accuracy']:6.4f} "
-        f"{r['nonfinite_models']:6d}{'+1' if r['single_nonfinite'] else '  ':2s}  ")
-  for r in result["rows"]:
-    if "trigger_inputs" in r:
+        f"{r.attack:12s} {r.m:3d} {r.models_affected:8d} {r.clean_models_checked:7d} "
+        f"{r.bit_mismatches:5d} {r.certified_inputs:9d} {r.violations:5d} "
+        f"{r.ensemble_attacked_accuracy:7.4f} {r.ca_at_m:6.4f} "
+        f"{r.single_attacked_accuracy:6.4f} "
+        f"{r.nonfinite_models:6d}{'+1' if r.single_nonfinite else '  ':2s}  ")
+  for r in result.rows:
+    b = r.backdoor
+    if b is not None:
       lines.append(
-          f"backdoor m={r['m']}: {r['trigger_inputs']} triggered test inputs labelled the target: "
-          f"ensemble {r['ensemble_backdoor_rate']:.4f} (clean {r['ensemble_backdoor_rate_clean']:.4f}), "
-          f"single {r['single_backdoor_rate']:.4f} (clean {r['single_backdoor_rate_clean']:.4f}); "
-          f"certified triggered inputs changed {r['trigger_violations']}/"
-          f"{r['trigger_certified_inputs']}")
-  c = result["clean"]
-  lines.append(f"clean: ensemble {c['ensemble_accuracy']:.4f}, single FedAvg "
-               f"{c['single_accuracy']:.4f}, largest level {c['max_level']}; violations "
-               f"{result['total_violations']}, bit mismatches {result['total_bit_mismatches']} "
-               f"of {result['total_clean_models_checked']} clean models checked; "
-               f"{result['timings']['total']:.0f} s")
+          f"backdoor m={r.m}: {b.trigger_inputs} triggered test inputs labelled the target: "
+          f"ensemble {b.ensemble_backdoor_rate:.4f} (clean {b.ensemble_backdoor_rate_clean:.4f}), "
+          f"single {b.single_backdoor_rate:.4f} (clean {b.single_backdoor_rate_clean:.4f}); "
+          f"certified triggered inputs changed {b.trigger_violations}/"
+          f"{b.trigger_certified_inputs}")
+  c = result.clean
+  lines.append(f"clean: ensemble {c.ensemble_accuracy:.4f}, single FedAvg "
+               f"{c.single_accuracy:.4f}, largest level {c.max_level}; violations "
+               f"{result.total_violations}, bit mismatches {result.total_bit_mismatches} "
+               f"of {result.total_clean_models_checked} clean models checked; "
+               f"{result.timings['total']:.0f} s")
   return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------
-# Command line (experiments/attack.py).
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-  try:
-    return tuple(int(v) for v in text.replace(",", " ").split())
-  except ValueError as e:
-    raise ValueError(f"--m-values must be integers, got {text!r}") from e
-
-
-def make_parser():
-  """``experiments/attack.py``'s parser (bad flags: one ``error:`` line, exit 2)."""
-  from ensemble_fl import experiment  # pylint: disable=g-import-not-at-top
-  p = experiment.ArgumentParser(
-      prog="experiments/attack.py",
-      description="Attack the exact-mode ensemble with malicious clients and check that no "
-                  "certified prediction changes.")
-  p.add_argument("--dataset", choices=DATASETS, default="har")
-  p.add_argument("--preset", choices=PRESETS, default="cpu",
-                 help="base settings the other flags override (default: cpu)")
-  p.add_argument("--k", type=int, help="clients per subset (default 2)")
-  p.add_argument("--m-values", dest="m_values",
-                 help="numbers of malicious clients, e.g. '1,4,8' (default: 1, L/2, L for the "
-                      "largest certified level L)")
-  p.add_argument("--attacks", help=f"comma-separated, from {','.join(ATTACK_NAMES)} "
-                                   f"(default: {','.join(DEFAULT_ATTACKS)})")
-  p.add_argument("--global-iters", dest="global_iters", type=int)
-  p.add_argument("--local-iters", dest="local_iters", type=int)
-  p.add_argument("--lr", type=float)
-  p.add_argument("--batch-size", dest="batch_size", type=int)
-  p.add_argument("--seed", type=int)
-  p.add_argument("--n-clients", dest="n_clients", type=int, help="MNIST: number of clients")
-  p.add_argument("--q", type=float, help="MNIST: non-IID degree")
-  p.add_argument("--test-size", dest="test_size", type=int)
-  p.add_argument("--choice", choices=("largest", "random"),
-                 help="which clients turn malicious (default: largest training sets)")
-  p.add_argument("--scale", type=float, help="scaled attack: factor on the update (default -100)")
-  p.add_argument("--boost", type=float, help="replacement attack: a fixed boost (default: per subset, "
-                 "the exact model-replacement ratio)")
-  p.add_argument("--target-label", dest="target_label", type=int)
-  p.add_argument("--fraction", type=float, help="backdoor: share of rows stamped (default 0.5)")
-  p.add_argument("--full-retrain", dest="full_retrain", choices=FULL_RETRAIN,
-                 help="which (attack, m) pairs retrain all models (default: first)")
-  p.add_argument("--chunk-size", dest="chunk_size", type=int)
-  p.add_argument("--data-dir", dest="data_dir")
-  p.add_argument("--out", help="output folder (default: results/attack-<timestamp>)")
-  return p
-
-
-_FIELDS = ("k", "global_iters", "local_iters", "lr", "batch_size", "seed", "n_clients", "q",
-           "test_size", "choice", "scale", "boost", "target_label", "fraction", "full_retrain",
-           "chunk_size", "data_dir")
-
-
-def config_from_args(args) -> AttackEvalConfig:
-  cfg = preset(args.dataset, args.preset)
-  over = {f: getattr(args, f) for f in _FIELDS if getattr(args, f) is not None}
-  if args.m_values is not None:
-    over["m_values"] = _int_list(args.m_values)
-  if args.attacks is not None:
-    over["attacks"] = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
-  return dataclasses.replace(cfg, **over)
-
-
-def cli_main(argv: Sequence[str] | None = None) -> int:
-  """Exit 0: no violation and no bit mismatch; 1: some; 2: bad flags or data."""
-  import sys  # pylint: disable=g-import-not-at-top
-  from ensemble_fl import experiment  # pylint: disable=g-import-not-at-top
-  parser = make_parser()
-  args = parser.parse_args(argv)
-  with experiment.user_errors(parser):
-    cfg = config_from_args(args)
-    validate(cfg)
-    t = time.perf_counter()
-    data = load_data(cfg)
-    load = time.perf_counter() - t
-    validate(cfg, data.clients.num_clients)
-    _require(cfg.target_label < data.num_classes,
-             f"--target-label must be in [0, {data.num_classes}), got {cfg.target_label}")
-  out = args.out or os.path.join("results", f"attack-{time.strftime('%Y%m%d-%H%M%S')}")
-  log = lambda s: print(s, file=sys.stderr, flush=True)
-  try:
-    result = run(cfg, data, log=log, timings={"load_data": load})
-  except KeyboardInterrupt:
-    print("\ninterrupted: nothing written", file=sys.stderr)
-    return 130
-  paths = write_outputs(out, result)
-  print(summary_table(result))
-  print(f"outputs: {', '.join(paths)}")
-  bad = result["total_violations"] + result["total_bit_mismatches"]
-  if bad:
-    print(f"FAILED: {result['total_violations']} certificate violations, "
-          f"{result['total_bit_mismatches']} bit mismatches", file=sys.stderr)
+def report(result: AttackEvalResult) -> int:
+  """Exit status of the check: 0 when no violation and no bit mismatch, else 1
+  (with a ``FAILED`` line on stderr)."""
+  if result.total_violations + result.total_bit_mismatches:
+    print(f"FAILED: {result.total_violations} certificate violations, "
+          f"{result.total_bit_mismatches} bit mismatches", file=sys.stderr)
     return 1
   return 0
-
-
-def _triggered_inputs(atk, x_test: np.ndarray, y_test: np.ndarray, target: int) -> dict:
-  """The test inputs whose label is not ``target``, with the backdoor trigger stamped."""
-  keep = np.flatnonzero(y_test != target)
-  mask = np.asarray(atk.trigger_mask)
-  x = np.where(mask[None], np.asarray(atk.trigger_value, np.float32)[None], x_test[keep])
-  return {"x": x.astype(np.float32), "index": keep}
-
-
-def _backdoor_stats(trig, m, target, rows, hit, params, single_params, apply_fn, num_classes,
-                    n, k, timed) -> dict:
-  """Backdoor success (share of triggered inputs labelled ``target``), clean and
-  attacked, and the certificate check on the triggered inputs too."""
-  from ensemble_fl import certify, ensemble  # pylint: disable=g-import-not-at-top
-  preds = trig["preds"].copy()
-  if hit.size:
-    preds[rows[hit]] = timed("predict", lambda: np.asarray(
-        ensemble.predict(apply_fn, _rows(params, hit), trig["x"], nonfinite="ignore")))
-  cert = certify.certify(preds, num_classes=num_classes, n=n, k=k, mode="exact")
-  clean_cert = trig["cert"]
-  covered = np.asarray(clean_cert.levels) >= m
-  changed = np.asarray(cert.labels) != np.asarray(clean_cert.labels)
-  single = timed("predict", lambda: np.asarray(
-      ensemble.predict(apply_fn, single_params, trig["x"], nonfinite="ignore"))[0])
-  return {
-      "trigger_inputs": int(trig["x"].shape[0]),
-      "trigger_certified_inputs": int(covered.sum()),
-      "trigger_violations": int(np.sum(changed & covered)),
-      "ensemble_backdoor_rate": float(np.mean(np.asarray(cert.labels) == target)),
-      "ensemble_backdoor_rate_clean": float(np.mean(np.asarray(clean_cert.labels) == target)),
-      "single_backdoor_rate": float(np.mean(single == target)),
-      "single_backdoor_rate_clean": float(np.mean(trig["single_clean"] == target)),
-  }

@@ -1,11 +1,14 @@
-"""Writing an experiment's outputs, and the summary table printed at the end.
+"""What a run produced (:class:`ExperimentResult`), its output files and summary tables.
 
 ``write_outputs(out_dir, result)`` writes:
 
-* ``results.json``: the full config, mode, n, k, N, α, accuracy, CA@m for every
-  m from 0 to the largest certified level + 1 (ensemble and, if run, the single
-  FedAvg baseline), wall time per phase and the environment (versions,
-  devices, platform, CPU count).
+* ``results.json``: the full config, mode, replicas, plan seed (or
+  ``"secret"``), what the certificate certifies (``certifies``), n, k, N, α,
+  the plain majority-vote accuracy (``vote_accuracy``) and CA@0
+  (``certified_accuracy_at_0``: correct and certified, abstentions wrong),
+  CA@m for every m from 0 to the largest certified level + 1 (ensemble and,
+  if run, the single FedAvg baseline), wall time per phase and the
+  environment (versions, devices, platform, CPU count).
 * ``predictions.npz``: per test input ``labels`` (ensemble, −1 = abstain),
   ``levels`` (−1 = not certified), ``y_true``, ``top_count`` and
   ``runner_up_count`` (votes of the two most voted labels), ``p_lower`` (the
@@ -30,22 +33,97 @@ import os
 import platform
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
+import flax
+import jax
 import numpy as np
+import optax
+import scipy
 
-from ensemble_fl import experiment
+from ensemble_fl import certify
 from ensemble_fl import plotting
+from ensemble_fl.config import DATASETS, ExperimentConfig
+from ensemble_fl.ensemble import SubsamplePlan
 
-DATASET_NAMES = {"mnist": "MNIST", "har": "HAR"}
 # Above this many entries the [N, d] vote tensor is left out of predictions.npz.
 MAX_SAVED_PREDICTIONS = 20_000_000
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class ExperimentResult:
+  """What one run produced; :func:`write_outputs` writes it to disk.
+
+  Attributes:
+    config: the config that was run.
+    mode: the concrete mode ("exact" | "monte_carlo" | "deterministic" |
+      "partition"; see ``config.resolve_ensemble``).
+    replicas: s, independent partitions (1 outside partition mode).
+    plan: the trainer's plan (which clients trained which model); never
+      written to the outputs.
+    plan_seed: the plan's seed, or None when it is secret.
+    n: number of clients; num_models: N (models actually trained).
+    num_classes: number of labels; data_source: description of the data.
+    predictions: int32 ``[N, d]``, every model's label per test input.
+    y_true: int32 ``[d]``.
+    certificate: the :class:`ensemble_fl.certify.Certificate` of the votes.
+    alpha: the α the certificate was computed at (None outside Monte Carlo).
+    m_values, ca: int ``[M]`` and float64 ``[M]``: CA@m for m = 0..max level + 1.
+    baseline_labels, baseline_ca: the single FedAvg model's labels ``[d]`` and
+      CA@m over ``m_values`` (None when not run).
+    timings: seconds per phase.
+    nonfinite_models: the rows of ``predictions`` (models) that ended
+      training with a NaN or inf parameter, ascending (they still vote; see
+      ``ensemble.predict``).
+  """
+
+  config: ExperimentConfig
+  mode: str
+  replicas: int
+  plan: SubsamplePlan
+  plan_seed: int | None
+  n: int
+  num_models: int
+  num_classes: int
+  data_source: str
+  predictions: np.ndarray
+  y_true: np.ndarray
+  certificate: certify.Certificate
+  alpha: float | None
+  m_values: np.ndarray
+  ca: np.ndarray
+  baseline_labels: np.ndarray | None
+  baseline_ca: np.ndarray | None
+  timings: dict[str, float]
+  nonfinite_models: tuple[int, ...] = ()
+
+  @property
+  def vote_accuracy(self) -> float:
+    """Accuracy of the plain majority vote of the N models (no abstention)."""
+    return float(np.mean(np.asarray(self.certificate.top_labels) == self.y_true))
+
+  @property
+  def certified_accuracy_at_0(self) -> float:
+    """CA@0: correct and certified at m = 0 (an abstention counts as wrong)."""
+    return float(self.ca[0])
+
+  @property
+  def max_level(self) -> int:
+    """The largest certified level over the test inputs (-1: none certified)."""
+    levels = np.asarray(self.certificate.levels)
+    return int(levels.max()) if levels.size else -1
+
+  @property
+  def baseline_accuracy(self) -> float | None:
+    if self.baseline_labels is None:
+      return None
+    return float(np.mean(self.baseline_labels == self.y_true))
+
+
 def environment_info() -> dict[str, Any]:
   """Library versions, devices and machine, for reproducibility."""
-  import jax  # pylint: disable=g-import-not-at-top
   info: dict[str, Any] = {
       "python": sys.version.split()[0],
       "platform": platform.platform(),
@@ -56,14 +134,12 @@ def environment_info() -> dict[str, Any]:
       "backend": jax.default_backend(),
       "devices": [str(d) for d in jax.devices()],
       "numpy": np.__version__,
+      "flax": flax.__version__,
+      "optax": optax.__version__,
+      "scipy": scipy.__version__,
   }
   if hasattr(os, "sched_getaffinity"):
     info["cpus_available"] = len(os.sched_getaffinity(0))
-  for name in ("flax", "optax", "scipy"):
-    try:
-      info[name] = __import__(name).__version__
-    except ImportError:
-      info[name] = None
   try:
     repo = Path(__file__).resolve().parents[1]
     info["git_commit"] = subprocess.run(
@@ -74,36 +150,53 @@ def environment_info() -> dict[str, Any]:
   return info
 
 
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+  """``obj`` as indented JSON (NaN refused: every number written is finite)."""
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=1, allow_nan=False)
+    f.write("\n")
+
+
 def _floats(a) -> list[float] | None:
   return None if a is None else [float(v) for v in np.asarray(a)]
 
 
-def _bound_description(mode: str) -> str:
-  if mode == "exact":
+def bound_description(certificate: certify.Certificate) -> str:
+  """How the levels were computed, in a few words."""
+  if certificate.mode == "exact":
     return "exact vote counts over all C(n, k) subsets (Theorem 1)"
-  if mode == "partition":
+  if certificate.mode == "partition":
     return "disjoint groups: deterministic vote margin"
-  return ("Clopper-Pearson lower bound at alpha / (2 d)" if experiment.SELECTION_CORRECTION
+  if certificate.mode == "deterministic":
+    return "the deployed vote: worst-case cost of each client over the plan's subsets"
+  text = ("Clopper-Pearson lower bound at alpha / (2 d)" if certificate.selection_correction
           else "Clopper-Pearson lower bound at alpha / d (the paper's Algorithm 2)")
+  if certificate.bound == "top_two":
+    text += "; the runner-up bounded by its own Clopper-Pearson upper bound"
+  return text
 
 
-def result_to_dict(result: experiment.ExperimentResult,
+def result_to_dict(result: ExperimentResult,
                    environment: dict[str, Any] | None = None) -> dict[str, Any]:
-  """Everything of ``result`` except the per-input arrays, JSON-ready."""
+  """Everything of ``result`` except the per-input arrays (and the plan), JSON-ready."""
   cfg = result.config
   return {
       "dataset": cfg.dataset,
       "config": dataclasses.asdict(cfg),
       "mode": result.mode,
+      "replicas": result.replicas,
+      "plan_seed": "secret" if result.plan_seed is None else result.plan_seed,
+      "certifies": result.certificate.guarantee,
       "n": result.n,
       "k": None if result.mode == "partition" else cfg.k,
       "num_models": result.num_models,
       "alpha": result.alpha,
-      "bound": _bound_description(result.mode),
+      "bound": bound_description(result.certificate),
       "num_classes": result.num_classes,
       "num_test": int(len(result.y_true)),
       "data": result.data_source,
-      "accuracy": result.accuracy,
+      "vote_accuracy": result.vote_accuracy,
+      "certified_accuracy_at_0": result.certified_accuracy_at_0,
       "abstain_rate": float(np.mean(np.asarray(result.certificate.labels) < 0)),
       "max_certified_level": result.max_level,
       "nonfinite_models": list(result.nonfinite_models),
@@ -119,7 +212,7 @@ def result_to_dict(result: experiment.ExperimentResult,
   }
 
 
-def prediction_arrays(result: experiment.ExperimentResult) -> dict[str, np.ndarray]:
+def prediction_arrays(result: ExperimentResult) -> dict[str, np.ndarray]:
   """The per-input arrays saved in ``predictions.npz``."""
   cert = result.certificate
   arrays = {
@@ -138,7 +231,7 @@ def prediction_arrays(result: experiment.ExperimentResult) -> dict[str, np.ndarr
   return arrays
 
 
-def write_csv(path: str | os.PathLike, result: experiment.ExperimentResult) -> None:
+def write_csv(path: str | os.PathLike, result: ExperimentResult) -> None:
   with open(path, "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(["m", "ensemble", "baseline"])
@@ -147,7 +240,7 @@ def write_csv(path: str | os.PathLike, result: experiment.ExperimentResult) -> N
       w.writerow([int(m), repr(float(result.ca[i])), base])
 
 
-def plot_result(path: str | os.PathLike, result: experiment.ExperimentResult) -> Path | None:
+def plot_result(path: str | os.PathLike, result: ExperimentResult) -> Path | None:
   """The run's Figure 2: CA@m of single FedAvg (if run) and of the ensemble."""
   curves = []
   if result.baseline_ca is not None:
@@ -156,12 +249,14 @@ def plot_result(path: str | os.PathLike, result: experiment.ExperimentResult) ->
   return plotting.plot_curves(path, curves, title=run_title(result))
 
 
-def run_title(result: experiment.ExperimentResult) -> str:
+def run_title(result: ExperimentResult) -> str:
   cfg = result.config
-  parts = [DATASET_NAMES[cfg.dataset], f"n={result.n}"]
+  parts = [DATASETS[cfg.dataset].display_name, f"n={result.n}"]
   if result.mode != "partition":
     parts.append(f"k={cfg.k}")
   parts.append(f"N={result.num_models}")
+  if result.replicas > 1:
+    parts.append(f"s={result.replicas}")
   if result.alpha is not None:
     parts.append(f"α={result.alpha:g}")
   parts.append(result.mode.replace("_", " "))
@@ -169,15 +264,13 @@ def run_title(result: experiment.ExperimentResult) -> str:
   return ", ".join(parts)
 
 
-def write_outputs(out_dir: str | os.PathLike, result: experiment.ExperimentResult,
+def write_outputs(out_dir: str | os.PathLike, result: ExperimentResult,
                   *, environment: dict[str, Any] | None = None) -> list[Path]:
   """Writes the four output files of a run into ``out_dir`` (created)."""
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   paths = [out / "results.json", out / "predictions.npz", out / "certified_accuracy.csv"]
-  with open(paths[0], "w") as f:
-    json.dump(result_to_dict(result, environment), f, indent=1, allow_nan=False)
-    f.write("\n")
+  write_json(paths[0], result_to_dict(result, environment))
   np.savez_compressed(paths[1], **prediction_arrays(result))
   write_csv(paths[2], result)
   png = plot_result(out / "certified_accuracy.png", result)
@@ -194,12 +287,13 @@ def table_rows(max_m: int) -> list[int]:
   return sorted(m for m in rows if 0 <= m <= max_m)
 
 
-def _seconds(t: float) -> str:
+def format_seconds(t: float) -> str:
   return f"{t:.1f} s" if t < 120 else f"{t / 60:.1f} min"
 
 
-def summary_table(result: experiment.ExperimentResult) -> str:
-  """A plain-text table of CA@m (ensemble vs single FedAvg) and wall times."""
+def summary_table(result: ExperimentResult) -> str:
+  """A plain-text table of CA@m (ensemble vs single FedAvg), accuracies, what is
+  certified, and wall times."""
   has_base = result.baseline_ca is not None
   lines = [run_title(result) + " test inputs", ""]
   header = f"{'m':>4}  {'ensemble':>9}" + (f"  {'single FedAvg':>13}" if has_base else "")
@@ -210,28 +304,31 @@ def summary_table(result: experiment.ExperimentResult) -> str:
       row += f"  {result.baseline_ca[m]:>13.4f}"
     lines.append(row)
   lines.append("")
-  lines.append(f"accuracy: ensemble {result.accuracy:.4f}"
-               + (f", single FedAvg {result.baseline_accuracy:.4f}" if has_base else "")
+  lines.append(f"majority-vote accuracy {result.vote_accuracy:.4f}, certified accuracy at m = 0 "
+               f"{result.certified_accuracy_at_0:.4f}"
+               + (f"; single FedAvg accuracy {result.baseline_accuracy:.4f}" if has_base else "")
                + f"; largest certified level {result.max_level}")
   if result.nonfinite_models:
     lines.append(f"warning: {len(result.nonfinite_models)} of {result.num_models} models have NaN "
                  "or inf parameters")
+  lines.append(textwrap.fill(result.certificate.guarantee, width=100))
   order = ("load_data", "train", "predict", "certify", "baseline_train", "baseline_predict",
            "total")
-  times = [f"{k} {_seconds(result.timings[k])}" for k in order if k in result.timings]
+  times = [f"{k} {format_seconds(result.timings[k])}" for k in order if k in result.timings]
   lines.append("wall time: " + ", ".join(times))
   return "\n".join(lines)
 
 
-SWEEP_SYMBOLS = {"k": "k", "N": "N", "alpha": "α", "q": "q"}
+# How figures and tables name a swept field.
+SWEEP_SYMBOLS = {"num_models": "N", "alpha": "α"}
 
 
-def sweep_label(param: str, value: Any) -> str:
-  return f"{SWEEP_SYMBOLS.get(param, param)}={value:g}" if isinstance(value, float) \
-      else f"{SWEEP_SYMBOLS.get(param, param)}={value}"
+def sweep_label(field: str, value: Any) -> str:
+  symbol = SWEEP_SYMBOLS.get(field, field)
+  return f"{symbol}={value:g}" if isinstance(value, float) else f"{symbol}={value}"
 
 
-def sweep_table(param: str, runs: list[tuple[Any, experiment.ExperimentResult]]
+def sweep_table(field: str, runs: list[tuple[Any, ExperimentResult]]
                 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """``(m, {label: CA@m})`` on a common m range: 0 to the largest level + 1 of any run.
 
@@ -243,38 +340,38 @@ def sweep_table(param: str, runs: list[tuple[Any, experiment.ExperimentResult]]
   for value, r in runs:
     ca = np.zeros(top + 1)
     ca[:len(r.ca)] = r.ca
-    table[sweep_label(param, value)] = ca
+    table[sweep_label(field, value)] = ca
   return m, table
 
 
-def write_sweep(out_dir: str | os.PathLike, param: str, dataset: str,
-                runs: list[tuple[Any, experiment.ExperimentResult]]) -> list[Path]:
+def write_sweep(out_dir: str | os.PathLike, field: str, dataset: str,
+                runs: list[tuple[Any, ExperimentResult]]) -> list[Path]:
   """Writes ``sweep.csv`` (m, one CA@m column per value) and ``sweep.png``."""
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  m, table = sweep_table(param, runs)
+  m, table = sweep_table(field, runs)
   csv_path = out / "sweep.csv"
   with open(csv_path, "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(["m", *table])
     for i, mi in enumerate(m):
       w.writerow([int(mi), *(repr(float(ca[i])) for ca in table.values())])
-  title = f"{DATASET_NAMES[dataset]}: impact of {SWEEP_SYMBOLS.get(param, param)}"
+  title = f"{DATASETS[dataset].display_name}: impact of {SWEEP_SYMBOLS.get(field, field)}"
   png = plotting.plot_curves(out / "sweep.png", [(label, m, ca) for label, ca in table.items()],
                              title=title)
   return [csv_path] + ([png] if png is not None else [])
 
 
-def sweep_summary(param: str, runs: list[tuple[Any, experiment.ExperimentResult]],
+def sweep_summary(field: str, runs: list[tuple[Any, ExperimentResult]],
                   wall_seconds: float) -> str:
   """A plain-text table: one column of CA@m per value, for a spread of m."""
-  m, table = sweep_table(param, runs)
+  m, table = sweep_table(field, runs)
   labels = list(table)
   width = max(9, *(len(s) for s in labels))
   lines = [f"{'m':>4}  " + "  ".join(f"{s:>{width}}" for s in labels)]
   lines.append("-" * len(lines[0]))
   for mi in table_rows(int(m[-1])):
     lines.append(f"{mi:>4}  " + "  ".join(f"{table[s][mi]:>{width}.4f}" for s in labels))
-  lines.append(f"wall time: {_seconds(wall_seconds)} for {len(runs)} runs"
-               + (" (one training: α only changes the certificate)" if param == "alpha" else ""))
+  lines.append(f"wall time: {format_seconds(wall_seconds)} for {len(runs)} runs"
+               + (" (one training: α only changes the certificate)" if field == "alpha" else ""))
   return "\n".join(lines)

@@ -13,11 +13,8 @@ attack_results.json, attack_results.csv and attack.png. See experiments/ATTACKS.
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
-
-from ensemble_fl import attack_eval  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ensemble_fl import cli
 
 if __name__ == "__main__":
-  sys.exit(attack_eval.cli_main())
+  sys.exit(cli.attack_main())

@@ -9,11 +9,8 @@ flag given explicitly overrides the preset. `--help` lists every flag.
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
-
-from ensemble_fl import experiment  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ensemble_fl import cli
 
 if __name__ == "__main__":
-  sys.exit(experiment.cli_main("mnist"))
+  sys.exit(cli.experiment_main("mnist"))

@@ -4,23 +4,22 @@ Small sizes: 6-8 clients, 4-8 features, 3 classes, a tiny MLP or softmax
 regression, 1-3 FedAvg rounds.
 """
 
+import csv
 import dataclasses
 import functools
+import json
 import math
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from ensemble_fl import attack_eval, attacks, ensemble
+from ensemble_fl import attack_eval, attacks, cli, ensemble, experiment
+from ensemble_fl.config import ATTACK_NAMES, AttackEvalConfig
 from ensemble_fl.clients import pack_clients
 from ensemble_fl.fedavg import FedAvgConfig, fedavg
 from tiny_model import NUM_CLASSES, NUM_FEATURES, apply_fn, init_fn, make_clients
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = FedAvgConfig(global_iters=2, local_iters=2, lr=0.3, batch_size=4)
 TEMPLATE = init_fn(jax.random.PRNGKey(0))
 CLIENTS = make_clients()
@@ -265,56 +264,62 @@ def separable_data(n=8, per_client=12, features=8, classes=3, test=90, seed=0):
 
   xs, ys = zip(*(draw(per_client) for _ in range(n)))
   x_test, y_test = draw(test)
-  return attack_eval_data(pack_clients(xs, ys), x_test, y_test.astype(np.int32), classes)
+  return experiment.Data(pack_clients(xs, ys), x_test, y_test.astype(np.int32), classes,
+                         "synthetic")
 
 
-@dataclasses.dataclass(frozen=True)
-class attack_eval_data:  # pylint: disable=invalid-name
-  clients: object
-  x_test: np.ndarray
-  y_test: np.ndarray
-  num_classes: int
-  source: str = "synthetic"
-
-
-def test_the_certificate_holds_on_a_tiny_exact_run():
+def test_the_certificate_holds_on_a_tiny_exact_run(tmp_path):
   data = separable_data()
-  cfg = attack_eval.AttackEvalConfig(
-      dataset="har", k=2, m_values=(), attacks=attack_eval.ATTACK_NAMES,
+  cfg = AttackEvalConfig(
+      dataset="har", k=2, m_values=(), attacks=ATTACK_NAMES,
       global_iters=2, local_iters=2, lr=0.05, batch_size=8, n_clients=8, chunk_size=7,
       full_retrain="first")
   result = attack_eval.run(cfg, data, log=lambda s: None)
-  assert result["num_models"] == math.comb(8, 2)
-  assert result["clean"]["max_level"] >= 1 and result["m_values"]
-  assert result["total_violations"] == 0
-  assert result["total_bit_mismatches"] == 0 and result["total_clean_models_checked"] > 0
-  assert result["rows"][0]["full_retrain"]
-  for r in result["rows"]:
-    assert r["certified_inputs"] > 0 and r["violations"] == 0
-    if r["attack"] == "backdoor":
-      assert r["trigger_inputs"] > 0 and r["trigger_violations"] == 0
-    assert r["ensemble_attacked_accuracy"] >= r["ca_at_m"]
+  assert result.num_models == math.comb(8, 2)
+  assert result.clean.max_level >= 1 and result.m_values
+  assert result.total_violations == 0
+  assert result.total_bit_mismatches == 0 and result.total_clean_models_checked > 0
+  assert result.rows[0].full_retrain
+  for r in result.rows:
+    assert r.certified_inputs > 0 and r.violations == 0
+    assert (r.backdoor is not None) == (r.attack == "backdoor")
+    if r.backdoor is not None:
+      assert r.backdoor.trigger_inputs > 0 and r.backdoor.trigger_violations == 0
+    assert r.ensemble_attacked_accuracy >= r.ca_at_m
   # The strong update attacks do hurt single FedAvg.
-  single = {r["attack"]: r["single_attacked_accuracy"] for r in result["rows"]}
-  assert single["scaled"] < result["clean"]["single_accuracy"]
+  single = {r.attack: r.single_attacked_accuracy for r in result.rows}
+  assert single["scaled"] < result.clean.single_accuracy
   # Model replacement with the per-subset boost lands single FedAvg (all 8
   # clients) on the target, which predicts label 0 everywhere, without NaNs.
   assert single["replacement"] == pytest.approx(np.mean(data.y_test == 0))
-  assert not any(r["single_nonfinite"] or r["nonfinite_models"]
-                 for r in result["rows"] if r["attack"] == "replacement")
+  assert not any(r.single_nonfinite or r.nonfinite_models
+                 for r in result.rows if r.attack == "replacement")
+  # The files: one CSV row per pair, the backdoor's columns blank elsewhere.
+  paths = attack_eval.write_outputs(tmp_path, result)
+  assert [p.rsplit("/", 1)[-1] for p in paths][:2] == ["attack_results.json",
+                                                       "attack_results.csv"]
+  record = json.loads((tmp_path / "attack_results.json").read_text())
+  assert record["total_violations"] == 0 and len(record["rows"]) == len(result.rows)
+  with open(tmp_path / "attack_results.csv", newline="") as f:
+    table = list(csv.DictReader(f))
+  assert tuple(table[0]) == attack_eval.CSV_FIELDS
+  for r, line in zip(result.rows, table):
+    assert (line["attack"], int(line["m"]), int(line["violations"])) == (r.attack, r.m, 0)
+    assert (line["trigger_inputs"] == "") == (r.backdoor is None)
+    assert line["malicious_ids"] == " ".join(map(str, r.malicious_ids))
 
 
 def test_models_blown_up_by_an_attack_are_counted():
   data = separable_data()
-  cfg = attack_eval.AttackEvalConfig(
+  cfg = AttackEvalConfig(
       dataset="har", k=2, m_values=(1,), attacks=("scaled", "label_flip"), scale=-1e30,
       global_iters=2, local_iters=2, lr=0.05, batch_size=8, n_clients=8, chunk_size=7,
       full_retrain="none")
   result = attack_eval.run(cfg, data, log=lambda s: None)
-  rows = {r["attack"]: r for r in result["rows"]}
-  assert rows["scaled"]["nonfinite_models"] == rows["scaled"]["models_affected"] == 7
-  assert rows["scaled"]["single_nonfinite"]
-  assert rows["label_flip"]["nonfinite_models"] == 0 and not rows["label_flip"]["single_nonfinite"]
+  rows = {r.attack: r for r in result.rows}
+  assert rows["scaled"].nonfinite_models == rows["scaled"].models_affected == 7
+  assert rows["scaled"].single_nonfinite
+  assert rows["label_flip"].nonfinite_models == 0 and not rows["label_flip"].single_nonfinite
   scaled_line = next(l for l in attack_eval.summary_table(result).splitlines()
                      if l.startswith("scaled"))
   assert scaled_line.split()[-1] == "7+1"
@@ -338,12 +343,12 @@ def test_retrain_rows_pads_to_whole_chunks_with_untouched_models():
     (["--scale", "inf"], "--scale"),
     (["--dataset", "cifar"], "--dataset"),
     (["--data-dir", "/no/such/dir"], "--data-dir"),
+    (["--dataset", "har", "--n-clients", "5"], "--n-clients"),  # HAR: n is its 30 users
+    (["--target-label", "6"], "--target-label"),
+    (["--mode", "monte_carlo"], "--mode"),
+    (["--coordinator", "h:1"], "--coordinator need(s) --distributed"),
 ])
-def test_cli_bad_flags_exit_2_with_one_line(flags, needle):
-  proc = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "attack.py"), *flags],
-                        capture_output=True, text=True, timeout=60, cwd=REPO,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert proc.returncode == 2
-  lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
-  assert "Traceback" not in proc.stderr
+def test_cli_bad_flags_exit_2_with_one_line(flags, needle, capsys):
+  assert cli.attack_main(flags) == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], lines

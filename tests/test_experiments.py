@@ -1,11 +1,14 @@
-"""End-to-end runs of experiments/{mnist,har,sweep}.py at tiny size, and their flags.
+"""End-to-end runs of experiments/{mnist,har,sweep}.py at tiny size, their flags,
+and the pipeline's pieces (ensemble_fl.config, .experiment, .results, .cli).
 
 Each CLI runs once in a subprocess on the real data in the data root (skipped
-when absent), the three runs side by side; the tests then check the files each
-wrote and that their numbers agree with each other.
+when absent), the runs side by side; the tests then check the files each
+wrote and that their numbers agree with each other. Bad flags are checked in
+this process (``cli.main`` returns the exit status), which needs no start-up.
 """
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,8 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ensemble_fl import cli
+from ensemble_fl import config
 from ensemble_fl import experiment
 from ensemble_fl import progress
+from ensemble_fl import results
+from ensemble_fl.clients import pack_clients
 from ensemble_fl.data import paths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,7 +122,7 @@ def check_run_folder(out, *, baseline):
   assert np.all(np.diff(ens) <= 0), "CA@m must be non-increasing in m"
   assert ens[-1] == 0.0
   # CA@0 is the accuracy of the saved labels (abstain = -1 counts as wrong) ...
-  assert ens[0] == pytest.approx(np.mean(labels == y), abs=0) == res["accuracy"]
+  assert ens[0] == pytest.approx(np.mean(labels == y), abs=0) == res["certified_accuracy_at_0"]
   # ... and every CA@m is recomputable from the saved labels and levels.
   for mi, c in zip(m, ens):
     assert c == pytest.approx(np.mean((labels == y) & (levels >= mi)), abs=1e-12)
@@ -138,6 +145,15 @@ def check_run_folder(out, *, baseline):
   assert preds.shape == (res["num_models"], res["num_test"])
   counts = np.stack([(preds == c).sum(0) for c in range(res["num_classes"])], axis=1)
   np.testing.assert_array_equal(arrays["top_count"], counts.max(1))
+  # The plain majority vote's accuracy, recounted from every model's label: a
+  # tie at the top may go either way (Monte Carlo breaks ties at random).
+  top = counts == counts.max(1, keepdims=True)
+  right = top[np.arange(len(y)), y]
+  tied = top.sum(1) > 1
+  assert np.mean(right & ~tied) <= res["vote_accuracy"] <= np.mean(right)
+  assert res["vote_accuracy"] >= ens[0]  # an abstention is wrong in CA@0 only
+  assert res["replicas"] == 1 and res["plan_seed"] == res["config"]["seed"] == 0
+  assert res["certifies"].startswith("Certifies")
   for key in ("load_data", "train", "predict", "certify", "total"):
     assert res["timings_s"][key] >= 0
   env = res["environment"]
@@ -170,10 +186,17 @@ def test_har_cli_exact_mode(cli_runs):
   # auto: C(30, 1) = 30 <= N = 30, so exact mode with one model per client.
   assert res["mode"] == "exact" and res["num_models"] == 30 and res["alpha"] is None
   assert res["n"] == 30 and res["num_classes"] == 6
-  # Exact mode, k = 1: certified iff c_y - c_z > 2m, i.e. m* = ceil((c_y - c_z) / 2) - 1.
-  gap = arrays["top_count"] - arrays["runner_up_count"]
-  certified = arrays["labels"] >= 0
-  np.testing.assert_array_equal(arrays["levels"][certified], (gap[certified] + 1) // 2 - 1)
+  # Exact mode, k = 1: m clients flip at most m models, each moving the margin
+  # against rival c by 2, and a tie goes to the smaller label, so
+  # m* = floor(min_c (c_y - c_c - [c < y]) / 2), never an abstention.
+  preds = arrays["model_labels"]
+  counts = np.stack([(preds == c).sum(0) for c in range(6)], axis=1)
+  y = np.argmax(counts, axis=1)  # ties toward the smaller label
+  rows = np.arange(len(y))
+  margin = counts[rows, y][:, None] - counts - (np.arange(6)[None] < y[:, None])
+  margin[rows, y] = np.iinfo(np.int64).max
+  np.testing.assert_array_equal(arrays["labels"], y)
+  np.testing.assert_array_equal(arrays["levels"], margin.min(1) // 2)
   assert "30/30" in proc.stderr and "single FedAvg" in proc.stdout
 
 
@@ -243,6 +266,10 @@ def test_n_sweep_trains_the_largest_ensemble_once_and_uses_its_prefixes(cli_runs
 
 # ------------------------------------------------------------ bad flags
 
+MAINS = {"mnist.py": lambda argv: cli.experiment_main("mnist", argv),
+         "har.py": lambda argv: cli.experiment_main("har", argv),
+         "sweep.py": cli.sweep_main}
+
 
 @pytest.mark.parametrize("script,args,needle", [
     ("mnist.py", ["--k", "0"], "--k"),
@@ -254,25 +281,54 @@ def test_n_sweep_trains_the_largest_ensemble_once_and_uses_its_prefixes(cli_runs
     ("mnist.py", ["--q", "1.5"], "--q"),
     ("mnist.py", ["--lr", "abc"], "--lr"),
     ("mnist.py", ["--data-dir", "/nonexistent/data"], "/nonexistent/data"),
+    ("mnist.py", ["--seed", str(2**64)], "--seed"),
+    ("mnist.py", ["--replicas", "2"], "--replicas is only valid with --mode partition"),
+    ("mnist.py", ["--mode", "partition", "--N", "10", "--replicas", "3"], "--replicas"),
+    ("mnist.py", ["--secret-plan", "--plan-seed", "1"], "--plan-seed and --secret-plan"),
+    ("mnist.py", ["--checkpoint"], "--checkpoint needs --out"),
     ("har.py", ["--k", "31"], "--k"),
     ("har.py", ["--mode", "bogus"], "--mode"),
     ("har.py", ["--q", "0.3"], "--q"),
+    ("har.py", ["--mode", "partition", "--N", "62", "--replicas", "2"], "--N / --replicas"),
     ("sweep.py", ["--dataset", "har", "--param", "q", "--values", "0.1"], "q"),
     ("sweep.py", ["--dataset", "mnist", "--param", "k", "--values", "x"], "--values"),
     ("sweep.py", ["--dataset", "mnist", "--param", "alpha", "--values", "0.1", "2"], "--alpha"),
+    ("sweep.py", ["--dataset", "har", "--param", "k", "--values", "2", "--num-processes", "2"],
+     "--num-processes need(s) --distributed"),
 ])
-def test_bad_flags_give_one_line_error_and_exit_2(script, args, needle):
-  proc = run_cli(script, *args, check=False)
-  assert proc.returncode == 2, proc.stderr
-  assert "Traceback" not in proc.stderr
-  lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+def test_bad_flags_give_one_line_error_and_exit_2(script, args, needle, capsys):
+  assert MAINS[script](args) == 2
+  out, err = capsys.readouterr()
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+  assert out == ""
 
 
-def test_data_dir_without_the_files_is_a_clean_error(tmp_path):
-  proc = run_cli("mnist.py", "--data-dir", tmp_path, "--out", tmp_path / "out", check=False)
-  assert proc.returncode == 2 and "Traceback" not in proc.stderr
-  lines = proc.stderr.strip().splitlines()
+def test_sweep_script_starts_the_runtime_like_every_script():
+  # The script itself (not only cli.sweep_main): process flags without
+  # --distributed are refused before any work, as in har.py.
+  proc = run_cli("sweep.py", "--dataset", "har", "--param", "k", "--values", "2",
+                 "--coordinator", "h:1", check=False)
+  assert proc.returncode == 2 and proc.stdout == ""
+  assert proc.stderr.strip() == "error: --coordinator need(s) --distributed"
+
+
+def test_help_lists_every_config_field_as_a_flag(capsys):
+  assert cli.experiment_main("mnist", ["--help"]) == 0
+  text = capsys.readouterr().out
+  for field in dataclasses.fields(config.ExperimentConfig):
+    if field.name != "dataset":
+      assert cli.flag_name(field.name) in text, field.name
+  assert "--N " in text and "--global-iters" in text and "--secret-plan" in text
+  assert cli.experiment_main("har", ["--help"]) == 0
+  text = capsys.readouterr().out
+  assert "--q " not in text and "--n-clients" not in text  # HAR: n is its 30 users
+
+
+def test_data_dir_without_the_files_is_a_clean_error(tmp_path, capsys):
+  assert cli.experiment_main("mnist", ["--data-dir", str(tmp_path),
+                                       "--out", str(tmp_path / "out")]) == 2
+  lines = capsys.readouterr().err.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and "mnist" in lines[0]
   assert not (tmp_path / "out").exists()
 
@@ -280,27 +336,66 @@ def test_data_dir_without_the_files_is_a_clean_error(tmp_path):
 # -------------------------------------------------------- pure pieces
 
 
+def resolve(**kw):
+  return config.resolve_ensemble(config.ExperimentConfig(**kw))
+
+
 def test_auto_mode_is_exact_when_all_subsets_fit():
-  assert experiment.resolve_ensemble("auto", n=30, k=2, num_models=500) == ("exact", 435)
-  assert experiment.resolve_ensemble("auto", n=30, k=2, num_models=434) == ("monte_carlo", 434)
-  assert experiment.resolve_ensemble("auto", n=1000, k=10, num_models=500) == ("monte_carlo", 500)
-  assert experiment.resolve_ensemble("partition", n=30, k=2, num_models=10) == ("partition", 10)
-  with pytest.raises(ValueError, match="monte_carlo"):
-    experiment.resolve_ensemble("exact", n=1000, k=10, num_models=500)
+  assert resolve(n_clients=30, k=2, num_models=500) == config.EnsembleSpec("exact", 435)
+  assert resolve(n_clients=30, k=2, num_models=434) == config.EnsembleSpec("monte_carlo", 434)
+  assert resolve(n_clients=1000, k=10, num_models=500) == config.EnsembleSpec("monte_carlo", 500)
+  assert resolve(n_clients=30, k=2, num_models=10, mode="partition") == \
+      config.EnsembleSpec("partition", 10)
+  with pytest.raises(config.ConfigError, match="monte_carlo"):
+    resolve(n_clients=1000, k=10, num_models=500, mode="exact")
+
+
+def test_each_mode_names_its_plan_and_its_certificate():
+  cases = {  # mode, replicas -> (plan mode, certify mode)
+      ("exact", 1): ("exact", "exact"),
+      ("monte_carlo", 1): ("monte_carlo", "monte_carlo"),
+      ("deterministic", 1): ("monte_carlo", "deterministic"),
+      ("partition", 1): ("partition", "partition"),
+      ("partition", 3): ("partition", "deterministic"),
+  }
+  for (mode, replicas), (plan_mode, certify_mode) in cases.items():
+    spec = resolve(n_clients=30, k=2, num_models=435 if mode == "exact" else 12, mode=mode,
+                   replicas=replicas)
+    assert (spec.plan_mode, spec.certify_mode, spec.replicas) == (plan_mode, certify_mode,
+                                                                  replicas)
+  # "deterministic" certifies the very plan Monte Carlo mode trains.
+  mc = config.ExperimentConfig(n_clients=30, k=2, num_models=12, mode="monte_carlo")
+  det = dataclasses.replace(mc, mode="deterministic")
+  a = experiment.make_plan(mc, config.resolve_ensemble(mc), 30, 5)
+  b = experiment.make_plan(det, config.resolve_ensemble(det), 30, 5)
+  np.testing.assert_array_equal(a.subsets, b.subsets)
+  np.testing.assert_array_equal(a.keys, b.keys)
 
 
 def test_presets_and_flag_overrides():
-  paper = experiment.preset("mnist", "paper")
+  paper = config.preset(config.ExperimentConfig, "mnist", "paper")
   assert (paper.n_clients, paper.k, paper.num_models, paper.alpha, paper.q) == (1000, 10, 500,
                                                                               0.001, 0.5)
   assert (paper.global_iters, paper.local_iters, paper.lr, paper.batch_size) == (3000, 5, 0.001,
                                                                                32)
-  har = experiment.preset("har", "paper")
+  har = config.preset(config.ExperimentConfig, "har", "paper")
   assert (har.n_clients, har.k, har.num_models, har.global_iters) == (30, 2, 500, 5000)
-  args = experiment.make_parser("mnist").parse_args(["--preset", "cpu", "--lr", "0.2"])
-  cfg = experiment.config_from_args(args, "mnist")
-  cpu = experiment.preset("mnist", "cpu")
-  assert cfg.lr == 0.2 and cfg.global_iters == cpu.global_iters and cfg.k == 10
+  parser, _ = cli.make_parser(cli.experiment_command("mnist"), "mnist")
+  args = parser.parse_args(["--preset", "cpu", "--lr", "0.2", "--N", "40"])
+  cfg = cli.config_from_args(config.ExperimentConfig, args, "mnist")
+  cpu = config.preset(config.ExperimentConfig, "mnist", "cpu")
+  assert cfg == dataclasses.replace(cpu, lr=0.2, num_models=40) and cpu.global_iters == 15
+
+
+def test_config_errors_name_the_field_for_the_library_and_the_flag_for_the_cli():
+  with pytest.raises(config.ConfigError) as e:
+    config.ExperimentConfig(mode="monte_carlo", replicas=2)
+  assert e.value.field == "replicas"
+  assert str(e.value) == "replicas is only valid with mode partition, got mode monte_carlo"
+  assert e.value.describe(cli.flag_name) == \
+      "--replicas is only valid with --mode partition, got --mode monte_carlo"
+  with pytest.raises(config.ConfigError, match="^num_models must be an integer >= 1"):
+    config.ExperimentConfig(num_models=True)
 
 
 def test_progress_bar_eta_and_non_tty_output():
@@ -333,18 +428,21 @@ def test_progress_bar_eta_and_non_tty_output():
   assert progress.format_duration(3725) == "1:02:05" and progress.format_duration(75) == "1:15"
 
 
+def synthetic_data(n=6, d=20, seed=0):
+  rng = np.random.default_rng(seed)
+  clients = pack_clients([rng.normal(size=(10, 8)).astype(np.float32) for _ in range(n)],
+                         [rng.integers(0, 3, size=10) for _ in range(n)])
+  return experiment.Data(clients, rng.normal(size=(d, 8)).astype(np.float32),
+                         rng.integers(0, 3, size=d).astype(np.int32), 3, "synthetic")
+
+
+TINY_CFG = dict(dataset="har", n_clients=6, k=2, global_iters=2, local_iters=2, batch_size=4)
+
+
 @pytest.mark.parametrize("lr,diverges", [(0.1, False), (1e30, True)])
 def test_models_that_diverge_are_reported_not_hidden(lr, diverges):
-  from ensemble_fl import results  # pylint: disable=g-import-not-at-top
-  from ensemble_fl.clients import pack_clients  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
-  clients = pack_clients([rng.normal(size=(10, 8)).astype(np.float32) for _ in range(6)],
-                         [rng.integers(0, 3, size=10) for _ in range(6)])
-  data = experiment.Data(clients, rng.normal(size=(20, 8)).astype(np.float32),
-                         rng.integers(0, 3, size=20).astype(np.int32), 3, "synthetic")
-  cfg = experiment.ExperimentConfig(dataset="har", n_clients=6, k=2, num_models=15,
-                                    global_iters=2, local_iters=2, lr=lr, batch_size=4,
-                                    mode="exact")
+  data = synthetic_data()
+  cfg = config.ExperimentConfig(**TINY_CFG, num_models=15, lr=lr, mode="exact")
   lines = []
   with warnings.catch_warnings():
     warnings.simplefilter("error", RuntimeWarning)  # reported through log instead
@@ -357,3 +455,45 @@ def test_models_that_diverge_are_reported_not_hidden(lr, diverges):
   assert any("15 of 15 models ended training with NaN" in l for l in lines) == diverges
   assert any(l.startswith("warning: 15 of 15 models give NaN or inf logits") for l in lines) \
       == diverges
+
+
+def test_secret_replicated_partition_resumes_and_never_publishes_its_seed(tmp_path):
+  data = synthetic_data()
+  cfg = config.ExperimentConfig(**TINY_CFG, num_models=6, lr=0.1, mode="partition", replicas=2,
+                                secret_plan=True)
+  lines = []
+  first = experiment.run(cfg, data=data, checkpoint_dir=tmp_path, log=lines.append)
+  seed_file = tmp_path / experiment.PLAN_SEED_FILE
+  seed = int(seed_file.read_text())
+  assert seed_file.stat().st_mode & 0o777 == 0o600
+  # The plan is the replicated partition of the stored seed: every client in
+  # exactly 2 models, certified as the deployed vote of overlapping groups.
+  want = experiment.ensemble.make_plan("partition", n=6, num_models=6, replicas=2, seed=seed)
+  np.testing.assert_array_equal(first.plan.subsets, want.subsets)
+  ids, per_client = np.unique(first.plan.subsets[first.plan.subsets >= 0], return_counts=True)
+  assert ids.tolist() == list(range(6)) and set(per_client) == {2}
+  assert first.certificate.mode == "deterministic" and first.replicas == 2
+  record = results.result_to_dict(first, environment={})
+  assert record["mode"] == "partition" and record["replicas"] == 2
+  assert record["plan_seed"] == "secret" and record["certifies"] == first.certificate.guarantee
+  published = json.dumps(record) + "\n".join(lines) + results.summary_table(first)
+  assert str(seed) not in published
+  # Both accuracies, each recounted here.
+  top = np.asarray(first.certificate.top_labels)
+  assert record["vote_accuracy"] == np.mean(top == data.y_test)
+  assert record["certified_accuracy_at_0"] == np.mean(
+      (np.asarray(first.certificate.labels) == data.y_test)
+      & (np.asarray(first.certificate.levels) >= 0))
+  # A rerun reads the seed back and resumes the same models.
+  again = experiment.run(cfg, data=data, checkpoint_dir=tmp_path, log=lines.append)
+  np.testing.assert_array_equal(again.predictions, first.predictions)
+  assert again.timings["train"] < first.timings["train"]
+  # Without a checkpoint, a secret plan is drawn afresh (and never stored).
+  plan_seeds = {experiment.plan_seed(cfg) for _ in range(3)}
+  assert len(plan_seeds) == 3 and seed not in plan_seeds
+
+
+def test_public_plan_seed_defaults_to_the_seed():
+  cfg = config.ExperimentConfig(seed=7)
+  assert experiment.plan_seed(cfg) == 7
+  assert experiment.plan_seed(dataclasses.replace(cfg, plan_seed=3)) == 3
