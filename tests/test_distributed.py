@@ -40,6 +40,8 @@ _CHILD = textwrap.dedent("""
     votes = ensemble.predict(model.apply, params, x_test)
     cert = certify.certify(votes, num_classes=3, n=8, k=3, alpha=0.1)
     assert len(jax.devices()) == max(nproc, 1) * local, jax.devices()
+    # Process 0's value everywhere, all 63 bits (a secret plan seed travels so).
+    assert distributed.broadcast_int(2**62 + 2**33 + 5 + 7 * pid) == 2**62 + 2**33 + 5
     if distributed.is_main_process():
       leaves = jax.tree_util.tree_leaves(params)
       np.savez(out, votes=votes, levels=cert.levels, *leaves)
