@@ -64,10 +64,8 @@ MAX_CLIENTS = 2**31 - 1
 DEFAULT_CHUNK_SIZE = 64
 # On a CPU the models of a chunk run one after another inside the program
 # (see models_in_sequence), so the chunk no longer widens the working set; a
-# chunk of several models only saves host round trips. Measured on 2 cores
-# (benchmarks/README.md), against a per-model loop of the jitted FedAvg: MNIST
-# CNN chunk 8: 4,491 / 4,313 example-gradients/s, chunk 1: 3,946 / 3,900, loop
-# 3,933; HAR MLP: all three equal within noise (87-92k).
+# chunk of several models only saves host round trips; 8 measured fastest
+# (benchmarks/README.md, "CPU chunk of 8").
 DEFAULT_CHUNK_SIZE_CPU = 8
 # predict's default chunk: about this many (model, input) pairs per call, the
 # activation footprint of training 64 MNIST models (64 x 10 clients x 32).
