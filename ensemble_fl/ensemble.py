@@ -70,6 +70,9 @@ DEFAULT_CHUNK_SIZE_CPU = 8
 # predict's default chunk: about this many (model, input) pairs per call, the
 # activation footprint of training 64 MNIST models (64 x 10 clients x 32).
 PREDICT_PAIRS_PER_CALL = 16_384
+# On a CPU predict's models run in sequence inside the program (as training's),
+# so a call can hold this many times more of them for the same memory.
+PREDICT_SEQUENTIAL_FACTOR = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,7 +316,7 @@ def default_chunk_size() -> int:
   return DEFAULT_CHUNK_SIZE_CPU if jax.default_backend() == "cpu" else DEFAULT_CHUNK_SIZE
 
 
-def _round_chunk(chunk_size: int | None, num_models: int, num_devices: int) -> int:
+def round_chunk(chunk_size: int | None, num_models: int, num_devices: int) -> int:
   """Models per compiled call.
 
   At most ``chunk_size`` (default :func:`default_chunk_size`), then evened out so
@@ -584,7 +587,7 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
   model_sharding = NamedSharding(mesh, PartitionSpec(MODEL_AXIS))
   replicated = NamedSharding(mesh, PartitionSpec())
   total = plan.num_models
-  chunk = _round_chunk(chunk_size, total, num_devices)
+  chunk = round_chunk(chunk_size, total, num_devices)
   sequential = models_in_sequence()
   _check_chunk_memory(apply_fn, params, clients, config, int(np.shape(plan.subsets)[1]),
                       1 if sequential else chunk // num_devices, mesh)
@@ -652,13 +655,26 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
 NONFINITE_POLICIES = ("warn", "raise", "ignore")
 
 
-def _predict_chunk_impl(apply_fn, params, xb):
-  logits = jax.vmap(apply_fn, in_axes=(0, None))(params, xb)
-  labels = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return labels, jnp.all(jnp.isfinite(logits), axis=-1)
+def _predict_chunk_impl(apply_fn, mesh, sequential, params, xb):
+  def predict_models(params, xb):
+    def one(p):
+      logits = apply_fn(p, xb)
+      return jnp.argmax(logits, axis=-1).astype(jnp.int32), jnp.all(jnp.isfinite(logits),
+                                                                    axis=-1)
+
+    if sequential:
+      return jax.lax.map(one, params)
+    return jax.vmap(one)(params)
+
+  if not sequential:
+    return predict_models(params, xb)
+  # As in training: on a CPU each device runs its own models one after another.
+  models, replicated = PartitionSpec(MODEL_AXIS), PartitionSpec()
+  return jax.shard_map(predict_models, mesh=mesh, in_specs=(models, replicated),
+                       out_specs=models, check_vma=False)(params, xb)
 
 
-_predict_chunk = jax.jit(_predict_chunk_impl, static_argnums=(0,))
+_predict_chunk = jax.jit(_predict_chunk_impl, static_argnums=(0, 1, 2))
 
 
 def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray, *,
@@ -677,8 +693,10 @@ def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray,
     stacked_params: params pytree, every leaf with leading model axis N.
     x: float ``[d, *feature_shape]``, finite.
     chunk_size: most models per compiled call, as in :func:`train_ensemble`;
-      default ``max(1, PREDICT_PAIRS_PER_CALL // min(batch_size, d))`` so memory
-      stays bounded whatever the batch size.
+      default ``max(1, PREDICT_PAIRS_PER_CALL // min(batch_size, d))`` (times
+      ``PREDICT_SEQUENTIAL_FACTOR`` on a CPU, where a device runs its models
+      one after another, as in training) so memory stays bounded whatever the
+      batch size.
     batch_size: inputs per compiled call.
     nonfinite: models with non-finite logits on some input: ``"warn"``
       (a ``RuntimeWarning`` naming them), ``"raise"`` (``ValueError``) or
@@ -729,9 +747,13 @@ def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray,
   model_sharding = NamedSharding(mesh, PartitionSpec(MODEL_AXIS))
   replicated = NamedSharding(mesh, PartitionSpec())
   bs = min(batch_size, d)
+  sequential = models_in_sequence()
   if chunk_size is None:
-    chunk_size = max(1, PREDICT_PAIRS_PER_CALL // bs)
-  chunk = _round_chunk(chunk_size, total, mesh.devices.size)
+    # A vmapped chunk holds every model's activations at once; a sequential
+    # one only one model's, so it may hold more models per call.
+    chunk_size = max(1, PREDICT_PAIRS_PER_CALL // bs) * (
+        PREDICT_SEQUENTIAL_FACTOR if sequential else 1)
+  chunk = round_chunk(chunk_size, total, mesh.devices.size)
   num_batches = -(-d // bs)
   x_pad = np.concatenate([x, np.repeat(x[:1], num_batches * bs - d, axis=0)], axis=0)
   x_dev = [to_global(x_pad[b * bs:(b + 1) * bs], replicated) for b in range(num_batches)]
@@ -743,7 +765,7 @@ def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray,
     params = jax.tree_util.tree_map(
         lambda l: to_global(_pad_rows(np.asarray(l[start:stop]), chunk), model_sharding),
         stacked_params)
-    results = [_predict_chunk(apply_fn, params, xb) for xb in x_dev]
+    results = [_predict_chunk(apply_fn, mesh, sequential, params, xb) for xb in x_dev]
     labels = np.concatenate([to_host(l) for l, _ in results], axis=1)
     ok = np.concatenate([to_host(f) for _, f in results], axis=1)
     out[start:stop] = labels[: stop - start, :d]

@@ -338,8 +338,12 @@ def test_pack_clients_rejects_empty_and_nan():
 # ----------------------------------------------------------------- prediction
 
 
+@pytest.mark.parametrize("sequential", [True, False])
 @pytest.mark.parametrize("chunk_size,batch_size", [(None, 1024), (2, 3), (1, 1)])
-def test_predict_matches_direct_apply(mc_params, chunk_size, batch_size):
+def test_predict_matches_direct_apply(monkeypatch, mc_params, chunk_size, batch_size,
+                                      sequential):
+  # Both prediction programs (per-device lax.map on CPU, vmap elsewhere).
+  monkeypatch.setattr(ensemble, "models_in_sequence", lambda: sequential)
   x = np.random.default_rng(5).normal(size=(10, NUM_FEATURES)).astype(np.float32)
   got = ensemble.predict(apply_fn, mc_params, x, chunk_size=chunk_size, batch_size=batch_size)
   assert got.shape == (7, 10) and got.dtype == np.int32
