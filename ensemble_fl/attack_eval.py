@@ -1,6 +1,11 @@
 """An empirical check of every certificate: attack the ensemble, count violations.
 
-Exact mode only (one model per k-subset, so the certificate is deterministic).
+Any plan: exact (one model per k-subset), partition (with replicas) and
+deterministic (Monte Carlo draws) certify the deployed vote, so a violation
+there is a bug. On a monte_carlo plan the levels certify the idealised
+ensemble over all C(n, k) subsets, not the N deployed models; there the same
+count measures what an attacker who knows the plan (``choice="most_models"``)
+does to the deployed vote at m below the printed level, which is no bug.
 
 1. Train the clean ensemble with the attacks' program (``attacks.no_attack``:
    all-False mask), predict, certify: every test input t gets a label y_t and
@@ -46,8 +51,9 @@ from ensemble_fl import plotting
 from ensemble_fl import progress as progress_lib
 from ensemble_fl import results
 from ensemble_fl.config import (ATTACK_NAMES, AttackEvalConfig, fedavg_config,
-                                public_plan_seed)
-from ensemble_fl.experiment import Data, check_data, load_data, make_model
+                                public_plan_seed, resolve_ensemble)
+from ensemble_fl.experiment import (Data, certify_predictions, check_data, load_data,
+                                    make_model, make_plan)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +90,9 @@ class AttackRow:
     clean_models_checked: unaffected models retrained and compared bit for bit.
     bit_mismatches: of those, how many differ from their clean twin (must be 0).
     certified_inputs: test inputs certified at level >= m.
-    violations: certified inputs whose attacked prediction changed (must be 0).
+    violations: certified inputs whose attacked prediction (the deployed vote,
+      ties toward the smaller label) changed; must be 0 when the
+      certificate covers the deployed vote (every mode but monte_carlo).
     violation_fraction: violations / certified_inputs (0 when none certified).
     changed_inputs: inputs whose prediction changed at all.
     ensemble_attacked_accuracy: the attacked ensemble's accuracy (abstain wrong).
@@ -158,6 +166,8 @@ class AttackEvalResult:
 
   config: AttackEvalConfig
   data_source: str
+  mode: str
+  certifies: str
   n: int
   k: int
   num_models: int
@@ -175,6 +185,11 @@ class AttackEvalResult:
     return sum(r.total_violations for r in self.rows)
 
   @property
+  def violations_are_failures(self) -> bool:
+    """Whether the certificate claims the deployed vote (all but monte_carlo)."""
+    return self.mode != "monte_carlo"
+
+  @property
   def total_bit_mismatches(self) -> int:
     return sum(r.bit_mismatches for r in self.rows)
 
@@ -188,6 +203,8 @@ class AttackEvalResult:
     return {
         "config": dataclasses.asdict(self.config),
         "data_source": self.data_source,
+        "mode": self.mode, "certifies": self.certifies,
+        "violations_are_failures": self.violations_are_failures,
         "n": self.n, "k": self.k, "num_models": self.num_models,
         "num_classes": self.num_classes, "test_inputs": self.test_inputs,
         "chunk_size": self.chunk_size, "m_values": list(self.m_values),
@@ -282,7 +299,8 @@ class _Check:
     self.init_fn, self.apply_fn = model.init_fn, model.apply_fn
     self.template = self.init_fn(jax.random.PRNGKey(0))
     self.fed = fedavg_config(cfg)
-    self.plan = ensemble.make_plan("exact", n=self.n, k=cfg.k, seed=public_plan_seed(cfg))
+    self.spec = resolve_ensemble(dataclasses.replace(cfg, n_clients=self.n))
+    self.plan = make_plan(cfg, self.spec, self.n, public_plan_seed(cfg))
     self.single_plan = ensemble.make_plan("partition", n=self.n, num_models=1, seed=cfg.seed)
     # The clean run's chunk; every retrain uses it (whole chunks), so one program.
     self.chunk = ensemble.round_chunk(cfg.chunk_size, self.plan.num_models, jax.device_count())
@@ -302,14 +320,19 @@ class _Check:
       return np.asarray(ensemble.predict(self.apply_fn, params, x, nonfinite=nonfinite))
 
   def certify(self, predictions) -> certify.Certificate:
-    return certify.certify(predictions, num_classes=self.num_classes, n=self.n, k=self.cfg.k,
-                           mode="exact")
+    return certify_predictions(self.cfg, self.spec, predictions, num_classes=self.num_classes,
+                               plan=self.plan)
+
+  def vote(self, predictions) -> np.ndarray:
+    """int64 ``[d]``: the deployed majority vote, ties toward the smaller label."""
+    return np.argmax(certify.vote_counts(predictions, self.num_classes), axis=1)
 
   def run_clean(self) -> None:
     with self.timed("train_clean"):
       self.clean_params = self.train(self.plan, self.clean_attack)
     self.clean_preds = self.predict(self.clean_params, self.x_test)
     self.clean_cert = self.certify(self.clean_preds)
+    self.clean_vote = self.vote(self.clean_preds)
     self.levels = np.asarray(self.clean_cert.levels)
     with self.timed("train_single"):
       single_params = self.train(self.single_plan, self.clean_attack)
@@ -328,7 +351,8 @@ class _Check:
     start = time.perf_counter()
     cfg = self.cfg
     kind, kwargs = attack_kwargs(name, cfg, self.num_classes)
-    ids = attacks.choose_malicious(self.clients.sizes, m, strategy=cfg.choice, seed=cfg.seed)
+    ids = attacks.choose_malicious(self.clients.sizes, m, strategy=cfg.choice, seed=cfg.seed,
+                                   subsets=self.plan.subsets)
     atk = attacks.make_attack(kind, ids, self.clients, num_classes=self.num_classes,
                               params_template=self.template, **kwargs)
     affected = np.any(np.isin(self.plan.subsets, ids), axis=1)
@@ -348,7 +372,7 @@ class _Check:
       preds[rows[hit]] = self.predict(_rows(params, hit), self.x_test, nonfinite="ignore")
     att_labels = np.asarray(self.certify(preds).labels)
     covered = self.levels >= m
-    changed = att_labels != np.asarray(self.clean_cert.labels)
+    changed = self.vote(preds) != self.clean_vote
     violations = int(np.sum(changed & covered))
     with self.timed("train_single"):
       single_params = self.train(self.single_plan, atk)
@@ -412,7 +436,7 @@ class _Check:
     return BackdoorStats(
         trigger_inputs=int(x.shape[0]),
         trigger_certified_inputs=int(covered.sum()),
-        trigger_violations=int(np.sum((labels != clean_labels) & covered)),
+        trigger_violations=int(np.sum((self.vote(preds) != self.vote(clean_preds)) & covered)),
         ensemble_backdoor_rate=float(np.mean(labels == target)),
         ensemble_backdoor_rate_clean=float(np.mean(clean_labels == target)),
         single_backdoor_rate=float(np.mean(single == target)),
@@ -452,8 +476,9 @@ def run(cfg: AttackEvalConfig, data: Data | None = None, *,
   start = time.perf_counter()
   check_data(cfg, data)
   check = _Check(cfg, data, log, timings)
-  log(f"{data.source}; exact mode, N = C({check.n}, {cfg.k}) = {check.plan.num_models} "
-      f"models, chunk {check.chunk}; {len(check.y_test)} test inputs")
+  log(f"{data.source}; {check.spec.mode} plan, N = {check.plan.num_models} models"
+      f"{f' ({check.spec.replicas} replicas)' if check.spec.replicas > 1 else ''}, chunk "
+      f"{check.chunk}; {len(check.y_test)} test inputs; malicious clients: {cfg.choice}")
   check.run_clean()
   clean = check.clean
   m_values = tuple(cfg.m_values) or auto_m_values(clean.max_level)
@@ -470,7 +495,8 @@ def run(cfg: AttackEvalConfig, data: Data | None = None, *,
       _log_row(log, rows[-1], cfg.target_label)
   timings["total"] = timings.get("load_data", 0.0) + time.perf_counter() - start
   return AttackEvalResult(
-      config=cfg, data_source=data.source, n=check.n, k=cfg.k,
+      config=cfg, data_source=data.source, mode=check.spec.mode,
+      certifies=check.clean_cert.guarantee, n=check.n, k=cfg.k,
       num_models=check.plan.num_models, num_classes=check.num_classes,
       test_inputs=int(len(check.y_test)), chunk_size=check.chunk,
       m_values=tuple(int(m) for m in m_values), clean=clean, rows=tuple(rows),
@@ -507,7 +533,7 @@ def write_outputs(out_dir: str | os.PathLike, result: AttackEvalResult) -> list[
         r.m, r.ensemble_attacked_accuracy, r.single_attacked_accuracy, r.total_violations > 0))
   png = plotting.plot_attack(
       os.path.join(out_dir, "attack.png"), panels, result.clean.ca,
-      title=f"{result.data_source}: N = {result.num_models}, k = {result.k}")
+      title=f"{result.data_source}: {result.mode}, N = {result.num_models}, k = {result.k}")
   if png is not None:
     paths.append(str(png))
   return paths
@@ -536,6 +562,10 @@ def summary_table(result: AttackEvalResult) -> str:
           f"certified triggered inputs changed {b.trigger_violations}/"
           f"{b.trigger_certified_inputs}")
   c = result.clean
+  if not result.violations_are_failures:
+    lines.append("monte_carlo: the levels certify the idealised ensemble over all C(n, k) "
+                 "subsets, not the deployed vote; 'viol.' counts deployed-vote changes at level "
+                 ">= m, which a plan-aware attacker may cause (no bug)")
   lines.append(f"clean: ensemble {c.ensemble_accuracy:.4f}, single FedAvg "
                f"{c.single_accuracy:.4f}, largest level {c.max_level}; violations "
                f"{result.total_violations}, bit mismatches {result.total_bit_mismatches} "
@@ -547,8 +577,9 @@ def summary_table(result: AttackEvalResult) -> str:
 def report(result: AttackEvalResult) -> int:
   """Exit status of the check: 0 when no violation and no bit mismatch, else 1
   (with a ``FAILED`` line on stderr)."""
-  if result.total_violations + result.total_bit_mismatches:
-    print(f"FAILED: {result.total_violations} certificate violations, "
+  violations = result.total_violations if result.violations_are_failures else 0
+  if violations + result.total_bit_mismatches:
+    print(f"FAILED: {violations} certificate violations, "
           f"{result.total_bit_mismatches} bit mismatches", file=sys.stderr)
     return 1
   return 0

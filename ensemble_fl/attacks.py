@@ -71,7 +71,7 @@ from ensemble_fl.clients import ClientData
 PyTree = Any
 
 KINDS = ("none", "label_flip", "backdoor", "scaled", "replacement")
-CHOICES = ("largest", "random")
+CHOICES = ("largest", "random", "most_models")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # array fields: identity eq/hash
@@ -469,7 +469,7 @@ def poison_clients(attack: Attack, clients: ClientData) -> ClientData:
 
 
 def choose_malicious(sizes: np.ndarray, m: int, *, strategy: str = "largest",
-                     seed: int = 0) -> np.ndarray:
+                     seed: int = 0, subsets: np.ndarray | None = None) -> np.ndarray:
   """A deterministic choice of m malicious clients, nested in m.
 
   Args:
@@ -478,7 +478,13 @@ def choose_malicious(sizes: np.ndarray, m: int, *, strategy: str = "largest",
     strategy: ``"largest"``: the m clients with the most examples (ties to
       the smaller id), the ones with the most weight in a size-weighted mean;
       ``"random"``: the first m of a permutation drawn with
-      ``numpy.random.default_rng(seed)``.
+      ``numpy.random.default_rng(seed)``; ``"most_models"``: an attacker who
+      knows the plan: greedily, the client in the most models not yet
+      touched (ties to the smaller id), so m clients touch as many models as
+      greedy maximum coverage finds.
+    seed: the ``"random"`` permutation's seed.
+    subsets: int ``[N, s]`` client ids of each model (-1 pads), for
+      ``"most_models"``.
 
   Returns:
     int64 ``[m]`` ids, ascending; the set for m is a subset of the set for
@@ -492,6 +498,21 @@ def choose_malicious(sizes: np.ndarray, m: int, *, strategy: str = "largest",
     order = np.lexsort((np.arange(n), -sizes.astype(np.int64)))
   elif strategy == "random":
     order = np.random.default_rng(seed).permutation(n)
+  elif strategy == "most_models":
+    if subsets is None:
+      raise ValueError("strategy 'most_models' needs the plan's subsets")
+    subsets = np.asarray(subsets)
+    rows, cols = np.nonzero(subsets >= 0)
+    member = np.zeros((n, subsets.shape[0]), bool)  # [client, model]
+    member[subsets[rows, cols], rows] = True
+    untouched = np.ones(subsets.shape[0], bool)
+    free = np.ones(n, bool)
+    order = np.empty(m, np.int64)
+    for step in range(m):
+      gain = np.where(free, member[:, untouched].sum(axis=1), -1)
+      order[step] = int(np.argmax(gain))  # first maximum: the smaller id
+      free[order[step]] = False
+      untouched &= ~member[order[step]]
   else:
     raise ValueError(f"strategy must be one of {CHOICES}, got {strategy!r}")
   return np.sort(order[:m]).astype(np.int64)

@@ -31,6 +31,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ensemble_fl import aggregators
+from ensemble_fl import attacks
 from ensemble_fl import certify
 from ensemble_fl import ensemble
 from ensemble_fl import fedavg
@@ -46,7 +47,7 @@ PRESET_NAMES = ("paper", "cpu")
 # (label_flip with the permutation y -> y + 1 mod C).
 ATTACK_NAMES = ("label_flip", "label_perm", "backdoor", "scaled", "replacement")
 DEFAULT_ATTACKS = ("label_flip", "backdoor", "scaled", "replacement")
-CHOICES = ("largest", "random")  # see attacks.choose_malicious
+CHOICES = attacks.CHOICES  # see attacks.choose_malicious
 FULL_RETRAIN = ("first", "all", "none")
 
 # Seeds are int64 for the plan (ensemble.make_plan) and non-negative for numpy.
@@ -195,7 +196,10 @@ class AttackEvalConfig(TrainingConfig):
   dataset: str = _field("har", "data set", choices=tuple(DATASETS))
   n_clients: int = _field(30, "number of clients n")
   k: int = _field(2, "clients per subset")
-  mode: str = _field("exact", "the plan attacked (the check supports exact)", choices=MODES)
+  mode: str = _field("exact", "the plan attacked: exact, partition (with replicas) and "
+                              "deterministic check the deployed vote's certificate; "
+                              "monte_carlo measures what a plan-aware attacker does to the "
+                              "deployed vote below its (idealised) levels", choices=MODES)
   global_iters: int = _field(5000, "FedAvg server rounds")
   m_values: tuple[int, ...] = _field(
       (), "numbers of malicious clients, e.g. '1,4,8' (default: 1, L/2, L for the largest "
@@ -203,7 +207,8 @@ class AttackEvalConfig(TrainingConfig):
   attacks: tuple[str, ...] = _field(
       DEFAULT_ATTACKS, f"comma-separated, from {','.join(ATTACK_NAMES)}")
   choice: str = _field("largest", "which clients turn malicious (largest: the largest training "
-                                  "sets)", choices=CHOICES)
+                                  "sets; most_models: greedily the clients in the most models, "
+                                  "the worst case for a public plan)", choices=CHOICES)
   scale: float = _field(-100.0, "scaled attack: factor on the update")
   boost: float | None = _field(None, "replacement attack: a fixed boost (default: per subset, "
                                      "the exact model-replacement ratio)")
@@ -415,18 +420,18 @@ def validate(cfg: TrainingConfig) -> None:
 
 def _validate_attack(cfg: AttackEvalConfig, spec: EnsembleSpec) -> None:
   n = cfg.n_clients
-  _require(spec.mode == "exact", "mode", f"must be exact for the attack check, got {cfg.mode}")
   _require(not cfg.secret_plan, "secret_plan", "does not apply to the attack check (it "
                                                "attacks a plan it knows)")
-  _require(cfg.k < n, "k", f"must be < n = {n} (some client must stay honest), got {cfg.k}")
+  per_model = cfg.k if spec.mode != "partition" else 1
+  _require(per_model < n, "k", f"must be < n = {n} (some client must stay honest), got {cfg.k}")
   _require(len(cfg.attacks) > 0, "attacks", "must name at least one attack")
   for a in cfg.attacks:
     _require(a in ATTACK_NAMES, "attacks", f"has unknown attack {a!r}; choose from "
                                            f"{ATTACK_NAMES}")
   _require(len(set(cfg.attacks)) == len(cfg.attacks), "attacks", f"has repeats: {cfg.attacks}")
   for m in cfg.m_values:
-    ok = isinstance(m, (int, np.integer)) and not isinstance(m, bool) and 1 <= m <= n - cfg.k
-    _require(ok, "m_values", f"must be integers in [1, n - k] = [1, {n - cfg.k}], got {m!r}")
+    ok = isinstance(m, (int, np.integer)) and not isinstance(m, bool) and 1 <= m <= n - per_model
+    _require(ok, "m_values", f"must be integers in [1, {n - per_model}], got {m!r}")
   _require(len(set(cfg.m_values)) == len(cfg.m_values), "m_values",
            f"has repeats: {cfg.m_values}")
   _check_choice(cfg, "choice", CHOICES)

@@ -97,6 +97,31 @@ def test_choose_malicious_is_nested_and_deterministic():
     attacks.choose_malicious(sizes, 1, strategy="smallest")
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_most_models_is_greedy_maximum_coverage(seed):
+  # An independent greedy over Python sets, nested in m, on random overlapping plans.
+  rng = np.random.default_rng(seed)
+  n, num_models = 9, 14
+  subsets = np.full((num_models, 4), -1)
+  for j in range(num_models):
+    size = int(rng.integers(1, 5))
+    subsets[j, :size] = np.sort(rng.choice(n, size, replace=False))
+  members = [set(r[r >= 0].tolist()) for r in subsets]
+  chosen, covered, prev = [], set(), set()
+  for m in range(n + 1):
+    ids = attacks.choose_malicious(np.ones(n), m, strategy="most_models", subsets=subsets)
+    assert set(ids.tolist()) == set(chosen) and prev <= set(ids.tolist())
+    prev = set(ids.tolist())
+    if m < n:
+      gains = [(-len({j for j, mem in enumerate(members) if i in mem} - covered), i)
+               for i in range(n) if i not in chosen]
+      best = min(gains)[1]
+      chosen.append(best)
+      covered |= {j for j, mem in enumerate(members) if best in mem}
+  with pytest.raises(ValueError, match="subsets"):
+    attacks.choose_malicious(np.ones(n), 1, strategy="most_models")
+
+
 # ------------------------------------------------------------- data level
 
 
@@ -309,6 +334,35 @@ def test_the_certificate_holds_on_a_tiny_exact_run(tmp_path):
     assert line["malicious_ids"] == " ".join(map(str, r.malicious_ids))
 
 
+@pytest.mark.parametrize("mode,replicas,num_models", [
+    ("partition", 1, 4), ("partition", 2, 8), ("deterministic", 1, 12), ("monte_carlo", 1, 12),
+])
+def test_the_check_on_other_plans(mode, replicas, num_models):
+  # A plan-aware attacker (most_models) against the deployed vote: no violation
+  # wherever the certificate claims the deployed vote.
+  data = separable_data()
+  cfg = AttackEvalConfig(
+      dataset="har", k=2, mode=mode, replicas=replicas, num_models=num_models, alpha=0.2,
+      m_values=(1, 2), attacks=("label_flip", "replacement"), choice="most_models",
+      global_iters=2, local_iters=2, lr=0.05, batch_size=8, n_clients=8, chunk_size=4,
+      full_retrain="first")
+  result = attack_eval.run(cfg, data, log=lambda s: None)
+  assert result.mode == mode and result.num_models == num_models
+  assert result.violations_are_failures == (mode != "monte_carlo")
+  assert result.total_bit_mismatches == 0 and result.total_clean_models_checked > 0
+  if mode != "monte_carlo":
+    assert result.total_violations == 0
+    assert "deployed majority vote" in result.certifies
+  else:
+    assert "idealised ensemble" in result.certifies
+  # The attacker picked the clients in the most models.
+  plan = attack_eval._Check(cfg, data, lambda s: None, {}).plan
+  degree = np.bincount(plan.subsets[plan.subsets >= 0], minlength=8)
+  first = result.rows[0].malicious_ids[0]
+  assert degree[first] == degree.max()
+  assert attack_eval.report(result) == 0
+
+
 def test_models_blown_up_by_an_attack_are_counted():
   data = separable_data()
   cfg = AttackEvalConfig(
@@ -345,7 +399,7 @@ def test_retrain_rows_pads_to_whole_chunks_with_untouched_models():
     (["--data-dir", "/no/such/dir"], "--data-dir"),
     (["--dataset", "har", "--n-clients", "5"], "--n-clients"),  # HAR: n is its 30 users
     (["--target-label", "6"], "--target-label"),
-    (["--mode", "monte_carlo"], "--mode"),
+    (["--mode", "partition", "--N", "10", "--secret-plan"], "--secret-plan"),
     (["--coordinator", "h:1"], "--coordinator need(s) --distributed"),
 ])
 def test_cli_bad_flags_exit_2_with_one_line(flags, needle, capsys):
