@@ -123,7 +123,9 @@ def validate_clients(clients: ClientData, *, num_classes: int | None = None) -> 
     raise ValueError(
         f"clients.sizes: client {bad} has size {int(sizes[bad])}, must be in [1, {x.shape[1]}]")
   if np.any(y < 0) or (num_classes is not None and np.any(y >= num_classes)):
-    raise ValueError(f"clients.y has labels outside [0, {num_classes})")
+    bound = "non-negative" if num_classes is None else f"in [0, {num_classes})"
+    raise ValueError(f"clients.y has labels that are not {bound}: min {int(y.min())}, "
+                     f"max {int(y.max())}")
 
 
 _F32_MAX = float(np.finfo(np.float32).max)

@@ -274,6 +274,10 @@ MODEL_AXIS = "models"
 MEMORY_REFUSAL_FACTOR = 4
 
 
+class MemoryEstimateError(ValueError):
+  """A chunk that clearly cannot fit in memory, refused before any training."""
+
+
 def _mesh(mesh: Mesh | None) -> Mesh:
   """The mesh whose ``"models"`` axis a call splits its models over.
 
@@ -467,7 +471,7 @@ def _check_chunk_memory(apply_fn: fedavg_lib.ApplyFn, params: PyTree, clients: C
     where = f"the memory of one {local[0].platform} device"
   have = _device_memory_bytes(local[0])
   if have and need > MEMORY_REFUSAL_FACTOR * have:
-    raise ValueError(
+    raise MemoryEstimateError(
         f"training one chunk needs at least {need / 2**30:,.1f} GiB (batch_size {b} x "
         f"local_iters {l} x {subset_width} clients per model, {example_bytes} bytes per "
         f"example with activations, {models_at_once} model(s) at once), over {MEMORY_REFUSAL_FACTOR}x the "
