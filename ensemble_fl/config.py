@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
+import sys
 from typing import Any, Callable
 
 import numpy as np
@@ -35,6 +35,7 @@ from ensemble_fl import attacks
 from ensemble_fl import certify
 from ensemble_fl import ensemble
 from ensemble_fl import fedavg
+from ensemble_fl.data import har as har_data
 
 # "auto" picks exact or monte_carlo (see resolve_ensemble); the rest are
 # certify's modes, each naming a plan and the certificate of that plan.
@@ -52,6 +53,9 @@ FULL_RETRAIN = ("first", "all", "none")
 
 # Seeds are int64 for the plan (ensemble.make_plan) and non-negative for numpy.
 _MAX_SEED = 2**63 - 1
+# Counts that become array shapes or loop bounds in jitted code are int32 there.
+INT32_MAX = 2**31 - 1
+HAR_SOURCES = har_data.SOURCES  # which HAR data (see ensemble_fl.data.har.har_federated)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,18 +65,29 @@ class Dataset:
   Attributes:
     display_name: how outputs name it.
     num_classes: number of labels.
-    unused_fields: config fields that do not apply to it (no flag either).
+    test_inputs: ``{source: d}``, the size of the test set of each source of
+      the data (fixed: every data file is checked by its SHA-256). Bounds
+      ``test_size`` and the per-input error level ``alpha / (2 d C)`` before
+      the data is loaded.
+    unused_fields: config fields that do not apply to it (the CLI refuses
+      their flags).
+    unused_reason: why, for the message.
   """
 
   display_name: str
   num_classes: int
+  test_inputs: dict[str, int]
   unused_fields: tuple[str, ...] = ()
+  unused_reason: str = ""
 
 
 DATASETS = {
-    "mnist": Dataset("MNIST", 10),
-    # One client per volunteer: n is the data's 30 users, not a choice.
-    "har": Dataset("HAR", 6, unused_fields=("n_clients", "q")),
+    "mnist": Dataset("MNIST", 10, {"mnist": 10_000}, unused_fields=("har_data",),
+                     unused_reason="it is for HAR only"),
+    # One client per volunteer: n is the data's 30 users, not a choice. The
+    # test sets are each volunteer's 25 % (see har.split_per_user).
+    "har": Dataset("HAR", 6, {"uci": 2576, "hapt": 2502}, unused_fields=("n_clients", "q"),
+                   unused_reason="HAR has one client per volunteer, n = 30"),
 }
 
 
@@ -126,6 +141,8 @@ class TrainingConfig:
       training keys.
     data_dir: data root (holding mnist/, hapt/, har/) or the data set's own
       folder; None = the default data root.
+    har_data: which HAR data, from :data:`HAR_SOURCES` ("auto": UCI HAR on
+      disk, else HAPT on disk, else UCI HAR downloaded).
     chunk_size: models trained (and evaluated) at once; None = the trainer's.
     test_size: evaluate on the first ``test_size`` test inputs only.
   """
@@ -156,6 +173,10 @@ class TrainingConfig:
   data_dir: str | None = _field(
       None, "data root holding mnist/, hapt/, har/ (default: $ENSEMBLE_FL_DATA, then "
             "../shared/data next to the checkout)")
+  har_data: str = _field("auto", "HAR data: uci (the paper's UCI HAR features, downloaded if "
+                                 "missing), hapt (HAPT raw-signal windows, offline), auto (UCI "
+                                 "HAR on disk, else HAPT on disk, else download UCI HAR)",
+                         choices=HAR_SOURCES)
   chunk_size: int | None = _field(None, "models trained at once (default: the trainer's)")
   test_size: int | None = _field(None, "use only the first TEST_SIZE test inputs "
                                        "(default: all)")
@@ -331,6 +352,40 @@ def resolve_ensemble(cfg: TrainingConfig) -> EnsembleSpec:
   return EnsembleSpec(mode, num_models)
 
 
+def max_test_inputs(cfg: TrainingConfig) -> int:
+  """The most test inputs ``cfg``'s data can have (d before ``test_size``).
+
+  Known before loading: every data file is pinned by its SHA-256. With
+  ``har_data`` "auto" the source is known only after loading: the largest.
+  """
+  sizes = DATASETS[cfg.dataset].test_inputs
+  return sizes.get(cfg.har_data, max(sizes.values()))
+
+
+def ignored_fields(cfg: TrainingConfig) -> dict[str, str]:
+  """Fields whose value ``cfg``'s run ignores, each with why (the rest of a
+  :class:`ConfigError` message).
+
+  The command line refuses such a field's flag when it is given explicitly
+  (a preset's value is fine): a setting that is silently dropped is
+  recorded as if it had been used. Only fields whose value cannot matter
+  are listed, so a library caller's defaults are never a problem.
+  """
+  dataset = DATASETS[cfg.dataset]
+  ignored = {f: f"does not apply to {dataset.display_name} ({dataset.unused_reason})"
+             for f in dataset.unused_fields}
+  spec = resolve_ensemble(cfg)
+  if spec.mode == "partition":
+    ignored["k"] = ("does not apply to `mode` partition: its groups hold n / (`num_models` / "
+                    "`replicas`) clients each")
+  if cfg.mode == "exact" and cfg.num_models != spec.num_models:
+    ignored["num_models"] = (
+        f"does not apply to `mode` exact, which trains one model per k-subset: C(n, k) = "
+        f"C({cfg.n_clients}, {cfg.k}) = {spec.num_models} models; drop it (or use `mode` "
+        "monte_carlo or deterministic for N drawn subsets)")
+  return ignored
+
+
 def public_plan_seed(cfg: TrainingConfig) -> int | None:
   """The plan seed when it is public (``plan_seed``, else ``seed``); None when secret."""
   if cfg.secret_plan:
@@ -385,16 +440,31 @@ def validate(cfg: TrainingConfig) -> None:
   _check_choice(cfg, "dataset", DATASETS)
   _check_choice(cfg, "mode", MODES)
   _check_choice(cfg, "aggregator", AGGREGATORS)
+  _check_choice(cfg, "har_data", HAR_SOURCES)
   for field in ("n_clients", "k", "num_models", "replicas", "global_iters", "local_iters",
                 "batch_size"):
-    _check_int(cfg, field, 1)
+    _check_int(cfg, field, 1, INT32_MAX)
   _check_int(cfg, "seed", 0, _MAX_SEED)
   _check_int(cfg, "plan_seed", 0, _MAX_SEED, optional=True)
-  _check_int(cfg, "chunk_size", 1, optional=True)
-  _check_int(cfg, "test_size", 1, optional=True)
-  _require(cfg.k <= cfg.n_clients, "k",
+  _check_int(cfg, "chunk_size", 1, INT32_MAX, optional=True)
+  _check_int(cfg, "test_size", 1, INT32_MAX, optional=True)
+  most = max_test_inputs(cfg)
+  sizes = DATASETS[cfg.dataset].test_inputs
+  _require(cfg.test_size is None or cfg.test_size <= most, "test_size",
+           f"must be at most {most}, the size of the test set ("
+           + ", ".join(f"{source}: {size}" for source, size in sizes.items()) + "), got "
+           f"{cfg.test_size}")
+  _require(cfg.k <= cfg.n_clients or cfg.mode == "partition", "k",  # partition ignores k
            f"must be at most the number of clients n = {cfg.n_clients}, got {cfg.k}")
   _check_real(cfg, "alpha", lambda v: 0.0 < v < 1.0, "in (0, 1)")
+  # The smallest per-input level of any bound is alpha / (2 d C) (the
+  # top-two bound's); below the smallest normal float it is 0 or imprecise.
+  d, num_classes = cfg.test_size or most, DATASETS[cfg.dataset].num_classes
+  min_alpha = sys.float_info.min * 2 * d * num_classes
+  _require(cfg.alpha >= min_alpha, "alpha",
+           f"must be at least {min_alpha:.3g}, so that the per-input level alpha / (2 d C) "
+           f"is a normal float for d = {d} test inputs and C = {num_classes} classes, "
+           f"got {cfg.alpha!r}")
   _check_real(cfg, "q", lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
   _check_real(cfg, "lr", lambda v: v > 0, "a finite number > 0")
   _require(isinstance(cfg.secret_plan, bool), "secret_plan", f"must be a bool, got "
@@ -405,8 +475,6 @@ def validate(cfg: TrainingConfig) -> None:
            f"is only valid with `mode` partition, got `mode` {cfg.mode}")
   _require(cfg.num_models % cfg.replicas == 0, "num_models",
            f"must be divisible by `replicas` = {cfg.replicas}, got {cfg.num_models}")
-  if cfg.data_dir is not None:
-    _require(os.path.isdir(cfg.data_dir), "data_dir", f"{cfg.data_dir!r}: no such directory")
   spec = resolve_ensemble(cfg)
   fed = fedavg_config(cfg)
   per_model = cfg.n_clients * spec.replicas // spec.num_models if spec.mode == "partition" \

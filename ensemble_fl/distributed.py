@@ -29,6 +29,7 @@ def initialize(
     process_id: int | None = None,
     *,
     local_device_count: int | None = None,
+    initialization_timeout: int | None = None,
 ) -> None:
   """Joins this process to a multi-process JAX runtime.
 
@@ -40,12 +41,21 @@ def initialize(
 
   Must run before any other JAX computation in the process.
 
+  Args:
+    coordinator_address: ``"host:port"`` of process 0.
+    initialization_timeout: seconds to wait for every process to join (None:
+      JAX's default, 300). When they do not, JAX *ends the process* with a
+      fatal error (SIGABRT), which no Python code can catch; see
+      ``cli.start_runtime`` for a watchdog that ends it with one line first.
+
   Raises:
-    ValueError: only some of the explicit arguments are given, or
-      ``num_processes``/``process_id`` are out of range.
+    ValueError: only some of the explicit arguments are given, a coordinator
+      address that is not ``host:port``, or ``num_processes``/``process_id``
+      out of range.
   """
   for name, value in (("num_processes", num_processes), ("process_id", process_id),
-                      ("local_device_count", local_device_count)):
+                      ("local_device_count", local_device_count),
+                      ("initialization_timeout", initialization_timeout)):
     if value is not None and (isinstance(value, (bool, np.bool_))
                               or not isinstance(value, (int, np.integer))):
       raise TypeError(f"{name} must be an integer, got {value!r}")
@@ -53,6 +63,8 @@ def initialize(
       not isinstance(coordinator_address, str) or not coordinator_address.strip()):
     raise TypeError(
         f"coordinator_address must be a non-empty 'host:port' string, got {coordinator_address!r}")
+  if coordinator_address is not None:
+    check_coordinator(coordinator_address)
   explicit = (coordinator_address, num_processes, process_id)
   if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
     raise ValueError(
@@ -62,17 +74,35 @@ def initialize(
     raise ValueError(f"num_processes must be >= 1, got {num_processes}")
   if process_id is not None and not 0 <= process_id < num_processes:
     raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
+  if initialization_timeout is not None and initialization_timeout < 1:
+    raise ValueError(f"initialization_timeout must be >= 1 second, got {initialization_timeout}")
   if local_device_count is not None:
     if local_device_count < 1:
       raise ValueError(f"local_device_count must be >= 1, got {local_device_count}")
     jax.config.update("jax_num_cpu_devices", local_device_count)
   # CPU backends need a collectives implementation to talk across processes.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  timeout = {} if initialization_timeout is None else \
+      {"initialization_timeout": int(initialization_timeout)}
   jax.distributed.initialize(
       coordinator_address=coordinator_address,
       num_processes=num_processes,
       process_id=process_id,
+      **timeout,
   )
+
+
+def check_coordinator(address: str) -> tuple[str, int]:
+  """Splits ``"host:port"`` (``"[::1]:port"`` for IPv6).
+
+  Raises:
+    ValueError: no host, or a port that is not an integer in [1, 65535].
+  """
+  host, colon, port = address.strip().rpartition(":")
+  if not colon or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    raise ValueError(f"the coordinator address must be host:port with a port in [1, 65535] "
+                     f"(e.g. 10.0.0.1:1234), got {address!r}")
+  return host, int(port)
 
 
 def is_multiprocess() -> bool:

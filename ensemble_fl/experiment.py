@@ -20,6 +20,7 @@ loaders and the checkpoint store; the command line in :mod:`ensemble_fl.cli`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import secrets
 import sys
@@ -39,8 +40,8 @@ from ensemble_fl import progress as progress_lib
 from ensemble_fl.checkpoint import DamagedCheckpointError
 from ensemble_fl.clients import ClientData
 from ensemble_fl.config import (DATASETS, ConfigError, EnsembleSpec, ExperimentConfig,
-                                TrainingConfig, fedavg_config, public_plan_seed,
-                                resolve_ensemble)
+                                TrainingConfig, fedavg_config, ignored_fields,
+                                public_plan_seed, resolve_ensemble)
 from ensemble_fl.data import har, mnist
 from ensemble_fl.results import ExperimentResult
 
@@ -72,7 +73,10 @@ class Data:
     x_test: float32 ``[d, *feature_shape]``.
     y_test: int32 ``[d]``.
     num_classes: number of labels.
-    source: a short description of where the data came from.
+    source: a short description of the data (what it is, where it was read).
+    origin: ``{"source": which data ("mnist", "uci", "hapt"), "origin": the
+      file or folder read}`` ("origin" for HAR only); recorded in
+      ``results.json``, and the source in checkpoint fingerprints.
   """
 
   clients: ClientData
@@ -80,30 +84,38 @@ class Data:
   y_test: np.ndarray
   num_classes: int
   source: str
+  origin: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def load_data(cfg: TrainingConfig) -> Data:
   """Loads and splits the data set of ``cfg`` (the only data I/O of a run).
 
   Raises:
-    FileNotFoundError: the data files are missing (the loader's message says where it looked).
+    FileNotFoundError: the data files are missing (the loader's message says where it
+      looked).
     ValueError: malformed data.
+    ConfigError: ``cfg.test_size`` is more than the test inputs the data has.
   """
   if cfg.dataset == "mnist":
     x_train, y_train, x_test, y_test = mnist.load_mnist(cfg.data_dir)
     clients = mnist.split_mnist_clients(x_train, y_train, n_clients=cfg.n_clients, q=cfg.q,
                                         seed=cfg.seed)
     source = f"MNIST, {cfg.n_clients} clients, q={cfg.q}"
+    origin = {"source": "mnist"}
   else:
-    data = har.har_federated(har.resolve_source(cfg.data_dir), data_dir=cfg.data_dir,
-                             seed=cfg.seed)
+    data = har.har_federated(cfg.har_data, data_dir=cfg.data_dir, seed=cfg.seed)
     clients, x_test, y_test = data.clients, data.x_test, data.y_test
-    kind = "HAPT windows" if data.info["source"] == "hapt" else "UCI HAR features"
-    source = f"HAR ({kind}, {data.info['feature_dim']} features), {clients.num_clients} users"
+    origin = {"source": str(data.info["source"]), "origin": str(data.info["origin"])}
+    kind = "HAPT windows" if origin["source"] == "hapt" else "UCI HAR features"
+    source = (f"HAR ({kind} from {origin['origin']}, {data.info['feature_dim']} features), "
+              f"{clients.num_clients} users")
   x_test, y_test = np.asarray(x_test), np.asarray(y_test, dtype=np.int32)
   if cfg.test_size is not None:
+    if cfg.test_size > len(y_test):  # "auto" HAR data: known only now
+      raise ConfigError("test_size", f"must be at most {len(y_test)}, the size of the test set "
+                                     f"of {origin['source']}, got {cfg.test_size}")
     x_test, y_test = x_test[:cfg.test_size], y_test[:cfg.test_size]
-  return Data(clients, x_test, y_test, DATASETS[cfg.dataset].num_classes, source)
+  return Data(clients, x_test, y_test, DATASETS[cfg.dataset].num_classes, source, origin)
 
 
 def check_data(cfg: TrainingConfig, data: Data) -> None:
@@ -132,7 +144,17 @@ class Model(NamedTuple):
 
 
 def make_model(dataset: str, num_classes: int, feature_shape: Sequence[int]) -> Model:
-  """The paper's network for ``dataset`` (MNIST: CNN; HAR: MLP)."""
+  """The paper's network for ``dataset`` (MNIST: CNN; HAR: MLP).
+
+  The same arguments give the same :class:`Model` (its functions are the
+  trainer's static jit arguments): a second run in one process reuses the
+  compiled programs.
+  """
+  return _make_model(dataset, num_classes, tuple(int(s) for s in feature_shape))
+
+
+@functools.lru_cache(maxsize=8)
+def _make_model(dataset: str, num_classes: int, feature_shape: tuple[int, ...]) -> Model:
   module = models.MnistCNN(num_classes=num_classes) if dataset == "mnist" else \
       models.HarMLP(num_classes=num_classes)
   dummy = jnp.zeros((1, *feature_shape), jnp.float32)
@@ -190,11 +212,13 @@ def make_plan(cfg: TrainingConfig, spec: EnsembleSpec, n: int, seed: int
 
 def train_models(cfg: TrainingConfig, model: Model, clients: ClientData,
                  plan: ensemble.SubsamplePlan, progress=None,
-                 checkpoint_dir: str | os.PathLike | None = None):
+                 checkpoint_dir: str | os.PathLike | None = None,
+                 data_source: str | None = None):
   """Trains one model per row of ``plan``; returns host params stacked on axis 0.
 
   With ``checkpoint_dir``, finished chunks are stored there and chunks already
-  there are loaded instead of trained (a rerun resumes).
+  there are loaded instead of trained (a rerun resumes); ``data_source`` (which
+  data, e.g. "hapt") goes into their fingerprint.
 
   Raises:
     checkpoint.CheckpointError: ``checkpoint_dir`` holds chunks of a different
@@ -203,7 +227,8 @@ def train_models(cfg: TrainingConfig, model: Model, clients: ClientData,
   return ensemble.train_ensemble(
       model.init_fn, model.apply_fn, clients, plan, fedavg_config(cfg),
       chunk_size=cfg.chunk_size, progress=progress, checkpoint_dir=checkpoint_dir,
-      fingerprint_extra=None if checkpoint_dir is None else {"model": model.description})
+      fingerprint_extra=None if checkpoint_dir is None else {"model": model.description,
+                                                             "data_source": data_source})
 
 
 def predict_labels(cfg: TrainingConfig, model: Model, stacked_params, x_test,
@@ -313,7 +338,8 @@ def run(
   with progress_lib.timed(timings, "train", log):
     params = train_models(cfg, model, data.clients, plan,
                           progress(f"ensemble ({spec.num_models} models)"),
-                          checkpoint_dir=_subdir(checkpoint_dir, "ensemble"))
+                          checkpoint_dir=_subdir(checkpoint_dir, "ensemble"),
+                          data_source=data.origin.get("source"))
   nonfinite = ensemble.nonfinite_models(params)
   if nonfinite.size:
     log(f"warning: {nonfinite.size} of {spec.num_models} models ended training with NaN or inf "
@@ -327,12 +353,18 @@ def run(
     m_values, ca = certified_accuracy_curve(certificate, data.y_test)
 
   baseline_labels = baseline_ca = None
+  baseline_nonfinite = False
   if cfg.baseline:
     with progress_lib.timed(timings, "baseline_train", log):
       # One "partition" group holding all n clients: single-model FedAvg.
       single = ensemble.make_plan("partition", n=n, num_models=1, seed=cfg.seed)
       params = train_models(cfg, model, data.clients, single, progress("single FedAvg"),
-                            checkpoint_dir=_subdir(checkpoint_dir, "baseline"))
+                            checkpoint_dir=_subdir(checkpoint_dir, "baseline"),
+                            data_source=data.origin.get("source"))
+    baseline_nonfinite = bool(ensemble.nonfinite_models(params).size)
+    if baseline_nonfinite:
+      log("warning: the single FedAvg baseline ended training with NaN or inf parameters "
+          "(diverged: a smaller --lr may help)")
     with progress_lib.timed(timings, "baseline_predict", log):
       baseline_labels = predict_labels(cfg, model, params, data.x_test, log)[0]
     baseline_ca = baseline_curve(baseline_labels, data.y_test, m_values)
@@ -340,11 +372,12 @@ def run(
   return ExperimentResult(
       config=cfg, mode=spec.mode, replicas=spec.replicas, plan=plan,
       plan_seed=None if cfg.secret_plan else seed, n=n, num_models=spec.num_models,
-      num_classes=data.num_classes, data_source=data.source, predictions=predictions,
+      num_classes=data.num_classes, data_source=data.source, data_origin=dict(data.origin),
+      predictions=predictions,
       y_true=data.y_test, certificate=certificate,
       alpha=cfg.alpha if spec.mode == "monte_carlo" else None, m_values=m_values, ca=ca,
       baseline_labels=baseline_labels, baseline_ca=baseline_ca, timings=timings,
-      nonfinite_models=tuple(nonfinite.tolist()))
+      nonfinite_models=tuple(nonfinite.tolist()), baseline_nonfinite=baseline_nonfinite)
 
 
 # Modes whose plan of N models is the first N rows of any larger plan (the
@@ -413,14 +446,16 @@ def sweep_configs(cfg: ExperimentConfig, field: str, values: Sequence[Any]
   """
   if field not in SWEEP_FIELDS:
     raise ValueError(f"can sweep one of {SWEEP_FIELDS}, got {field!r}")
-  dataset = DATASETS[cfg.dataset]
-  if field in dataset.unused_fields:
-    raise ConfigError(field, f"does not apply to {dataset.display_name}")
   if len(values) == 0:
     raise ValueError("a sweep needs at least one value")
   if len(set(values)) != len(values):
     raise ValueError(f"the sweep's values repeat: {list(values)}")
-  return [dataclasses.replace(cfg, **{field: v}) for v in values]
+  configs = [dataclasses.replace(cfg, **{field: v}) for v in values]
+  for c in configs:  # e.g. q on HAR, k in partition mode, N in exact mode
+    ignored = ignored_fields(c)
+    if field in ignored:
+      raise ConfigError(field, ignored[field])
+  return configs
 
 
 def run_sweep(

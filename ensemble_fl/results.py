@@ -21,6 +21,15 @@
 
 Floats are written with ``repr`` in both the CSV and the JSON, so the two
 agree exactly.
+
+A run with models that diverged (NaN or inf parameters, which still vote) says
+so in every file: ``nonfinite: true`` with the models' indices and
+``baseline_nonfinite`` in ``results.json``, a first line ``# warning: ...`` in
+the CSV (only then: other runs' CSVs are plain), and the figure's title.
+
+Every file is written under a temporary name in the output folder and renamed
+into place (:func:`publish`): a reader never sees half a file, and a failed
+write leaves the previous file, if any, whole.
 """
 
 from __future__ import annotations
@@ -31,11 +40,13 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import flax
 import jax
@@ -66,6 +77,8 @@ class ExperimentResult:
     plan_seed: the plan's seed, or None when it is secret.
     n: number of clients; num_models: N (models actually trained).
     num_classes: number of labels; data_source: description of the data.
+    data_origin: ``{"source": ..., "origin": ...}``, which data was read
+      (see ``experiment.Data.origin``).
     predictions: int32 ``[N, d]``, every model's label per test input.
     y_true: int32 ``[d]``.
     certificate: the :class:`ensemble_fl.certify.Certificate` of the votes.
@@ -77,6 +90,8 @@ class ExperimentResult:
     nonfinite_models: the rows of ``predictions`` (models) that ended
       training with a NaN or inf parameter, ascending (they still vote; see
       ``ensemble.predict``).
+    baseline_nonfinite: the single FedAvg baseline ended training with a NaN
+      or inf parameter.
   """
 
   config: ExperimentConfig
@@ -98,6 +113,22 @@ class ExperimentResult:
   baseline_ca: np.ndarray | None
   timings: dict[str, float]
   nonfinite_models: tuple[int, ...] = ()
+  baseline_nonfinite: bool = False
+  data_origin: dict[str, str] = dataclasses.field(default_factory=dict)
+
+  @property
+  def nonfinite(self) -> bool:
+    """Some model of the ensemble, or the baseline, diverged to NaN or inf."""
+    return bool(self.nonfinite_models) or self.baseline_nonfinite
+
+  def nonfinite_note(self) -> str:
+    """What diverged, in a few words ("" when nothing did)."""
+    parts = []
+    if self.nonfinite_models:
+      parts.append(f"{len(self.nonfinite_models)} of {self.num_models} models diverged")
+    if self.baseline_nonfinite:
+      parts.append("the single FedAvg baseline diverged")
+    return "; ".join(parts) + (" (NaN or inf parameters)" if parts else "")
 
   @property
   def vote_accuracy(self) -> float:
@@ -151,7 +182,10 @@ def environment_info() -> dict[str, Any]:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-  """``obj`` as indented JSON (NaN refused: every number written is finite)."""
+  """``obj`` as indented JSON (NaN refused: every number written is finite).
+
+  Writes ``path`` itself; :func:`publish` makes a set of files appear whole.
+  """
   with open(path, "w", encoding="utf-8") as f:
     json.dump(obj, f, indent=1, allow_nan=False)
     f.write("\n")
@@ -195,11 +229,14 @@ def result_to_dict(result: ExperimentResult,
       "num_classes": result.num_classes,
       "num_test": int(len(result.y_true)),
       "data": result.data_source,
+      "data_origin": dict(result.data_origin),
       "vote_accuracy": result.vote_accuracy,
       "certified_accuracy_at_0": result.certified_accuracy_at_0,
       "abstain_rate": float(np.mean(np.asarray(result.certificate.labels) < 0)),
       "max_certified_level": result.max_level,
+      "nonfinite": result.nonfinite,
       "nonfinite_models": list(result.nonfinite_models),
+      "baseline_nonfinite": result.baseline_nonfinite,
       "baseline_accuracy": result.baseline_accuracy,
       "certified_accuracy": {
           "m": [int(m) for m in result.m_values],
@@ -232,7 +269,11 @@ def prediction_arrays(result: ExperimentResult) -> dict[str, np.ndarray]:
 
 
 def write_csv(path: str | os.PathLike, result: ExperimentResult) -> None:
+  """``m,ensemble,baseline`` rows; first a ``# warning: ...`` line when
+  something diverged."""
   with open(path, "w", newline="") as f:
+    if result.nonfinite:
+      f.write(f"# warning: {result.nonfinite_note()}\n")
     w = csv.writer(f)
     w.writerow(["m", "ensemble", "baseline"])
     for i, m in enumerate(result.m_values):
@@ -246,7 +287,10 @@ def plot_result(path: str | os.PathLike, result: ExperimentResult) -> Path | Non
   if result.baseline_ca is not None:
     curves.append(("single FedAvg", result.m_values, result.baseline_ca))
   curves.append(("ensemble FedAvg", result.m_values, result.ca))
-  return plotting.plot_curves(path, curves, title=run_title(result))
+  title = run_title(result)
+  if result.nonfinite:
+    title += "\nwarning: " + result.nonfinite_note()
+  return plotting.plot_curves(path, curves, title=title)
 
 
 def run_title(result: ExperimentResult) -> str:
@@ -264,19 +308,52 @@ def run_title(result: ExperimentResult) -> str:
   return ", ".join(parts)
 
 
-def write_outputs(out_dir: str | os.PathLike, result: ExperimentResult,
-                  *, environment: dict[str, Any] | None = None) -> list[Path]:
-  """Writes the four output files of a run into ``out_dir`` (created)."""
+STAGING_PREFIX = ".writing-"
+
+
+def publish(out_dir: str | os.PathLike,
+            write: Callable[[Path], Sequence[str | os.PathLike]]) -> list[Path]:
+  """Runs ``write(staging)``, then renames every file it wrote into ``out_dir``.
+
+  ``staging`` is a fresh folder inside ``out_dir`` (same file system, so each
+  ``os.replace`` is atomic): a file in ``out_dir`` is either the old one or
+  the new one, whole, never a half-written one. Subfolders keep their place.
+
+  Args:
+    out_dir: the output folder (created if missing).
+    write: writes files under the folder it is given; returns their paths.
+
+  Returns:
+    The final paths of the files ``write`` returned, in its order.
+  """
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  paths = [out / "results.json", out / "predictions.npz", out / "certified_accuracy.csv"]
-  write_json(paths[0], result_to_dict(result, environment))
-  np.savez_compressed(paths[1], **prediction_arrays(result))
-  write_csv(paths[2], result)
-  png = plot_result(out / "certified_accuracy.png", result)
-  if png is not None:
-    paths.append(png)
-  return paths
+  staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+  try:
+    written = [Path(p) for p in write(staging)]
+    for folder, _, files in os.walk(staging):
+      for name in files:
+        source = Path(folder) / name
+        target = out / source.relative_to(staging)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, target)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return [out / p.relative_to(staging) for p in written]
+
+
+def write_outputs(out_dir: str | os.PathLike, result: ExperimentResult,
+                  *, environment: dict[str, Any] | None = None) -> list[Path]:
+  """Writes the four output files of a run into ``out_dir`` (created), each
+  renamed into place when complete (:func:`publish`)."""
+  def write(out: Path) -> list[Path]:
+    paths = [out / "results.json", out / "predictions.npz", out / "certified_accuracy.csv"]
+    write_json(paths[0], result_to_dict(result, environment))
+    np.savez_compressed(paths[1], **prediction_arrays(result))
+    write_csv(paths[2], result)
+    png = plot_result(out / "certified_accuracy.png", result)
+    return paths + ([png] if png is not None else [])
+  return publish(out_dir, write)
 
 
 def table_rows(max_m: int) -> list[int]:
@@ -311,6 +388,8 @@ def summary_table(result: ExperimentResult) -> str:
   if result.nonfinite_models:
     lines.append(f"warning: {len(result.nonfinite_models)} of {result.num_models} models have NaN "
                  "or inf parameters")
+  if result.baseline_nonfinite:
+    lines.append("warning: the single FedAvg baseline has NaN or inf parameters")
   lines.append(textwrap.fill(result.certificate.guarantee, width=100))
   order = ("load_data", "train", "predict", "certify", "baseline_train", "baseline_predict",
            "total")
@@ -344,22 +423,36 @@ def sweep_table(field: str, runs: list[tuple[Any, ExperimentResult]]
   return m, table
 
 
+def sweep_nonfinite_note(field: str, runs: list[tuple[Any, ExperimentResult]]) -> str:
+  """Which runs of a sweep diverged, and how ("" when none did)."""
+  return "; ".join(f"{sweep_label(field, value)}: {r.nonfinite_note()}"
+                   for value, r in runs if r.nonfinite)
+
+
 def write_sweep(out_dir: str | os.PathLike, field: str, dataset: str,
                 runs: list[tuple[Any, ExperimentResult]]) -> list[Path]:
-  """Writes ``sweep.csv`` (m, one CA@m column per value) and ``sweep.png``."""
-  out = Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
+  """Writes ``sweep.csv`` (m, one CA@m column per value) and ``sweep.png``
+  (renamed into place when complete); when a run diverged, the CSV's first
+  line and the title say so."""
   m, table = sweep_table(field, runs)
-  csv_path = out / "sweep.csv"
-  with open(csv_path, "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["m", *table])
-    for i, mi in enumerate(m):
-      w.writerow([int(mi), *(repr(float(ca[i])) for ca in table.values())])
-  title = f"{DATASETS[dataset].display_name}: impact of {SWEEP_SYMBOLS.get(field, field)}"
-  png = plotting.plot_curves(out / "sweep.png", [(label, m, ca) for label, ca in table.items()],
-                             title=title)
-  return [csv_path] + ([png] if png is not None else [])
+  note = sweep_nonfinite_note(field, runs)
+
+  def write(out: Path) -> list[Path]:
+    csv_path = out / "sweep.csv"
+    with open(csv_path, "w", newline="") as f:
+      if note:
+        f.write(f"# warning: {note}\n")
+      w = csv.writer(f)
+      w.writerow(["m", *table])
+      for i, mi in enumerate(m):
+        w.writerow([int(mi), *(repr(float(ca[i])) for ca in table.values())])
+    title = f"{DATASETS[dataset].display_name}: impact of {SWEEP_SYMBOLS.get(field, field)}"
+    if note:
+      title += "\nwarning: some runs diverged (NaN or inf parameters)"
+    png = plotting.plot_curves(out / "sweep.png",
+                               [(label, m, ca) for label, ca in table.items()], title=title)
+    return [csv_path] + ([png] if png is not None else [])
+  return publish(out_dir, write)
 
 
 def sweep_summary(field: str, runs: list[tuple[Any, ExperimentResult]],

@@ -6,6 +6,12 @@ Usage:
 
 Defaults are the paper's settings; `--preset cpu` is a CPU-sized run, and any
 flag given explicitly overrides the preset. `--help` lists every flag.
+
+Outputs go to a new folder results/<name>-<timestamp>/, or to --out (new or
+empty, unless --overwrite, or --checkpoint to resume the run it holds).
+Exit status: 0 done; 2 refused before any work (one `error:` line); 3 models
+diverged to NaN or inf (outputs written and marked; --keep-nonfinite: 0);
+130 interrupted.
 """
 
 import sys

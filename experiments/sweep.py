@@ -15,6 +15,9 @@ trains). With --checkpoint, finished chunks of models go to <out>/checkpoint/
 and a rerun of the same command resumes. HAR sweeps of N or α use k=4 unless
 --k is given (the paper's choice: k=2 is exact, where neither N nor α
 matters). The single-FedAvg baseline is off unless --baseline is given.
+--out must be new or empty (or --overwrite; --checkpoint resumes). Exit
+status as experiments/mnist.py: 0 done, 2 refused, 3 a run diverged, 130
+interrupted.
 """
 
 import sys
