@@ -15,15 +15,9 @@ import pytest
 from ensemble_fl import ensemble
 from ensemble_fl.clients import ClientData, pack_clients
 from ensemble_fl.fedavg import FedAvgConfig, fedavg
-from tiny_model import NUM_CLASSES, NUM_FEATURES, SIZES, apply_fn, init_fn, make_clients
+from tiny_model import CONFIG, NUM_CLASSES, NUM_FEATURES, SIZES, apply_fn, init_fn, make_clients
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = FedAvgConfig(global_iters=3, local_iters=2, lr=0.3, batch_size=4)
-
-
-@pytest.fixture(scope="module")
-def clients():
-  return make_clients()
 
 
 @pytest.fixture(scope="module")

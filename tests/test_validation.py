@@ -15,16 +15,9 @@ from jax.sharding import Mesh
 from ensemble_fl import ensemble
 from ensemble_fl.clients import ClientData
 from ensemble_fl.fedavg import FedAvgConfig, fedavg
-from tiny_model import NUM_CLASSES, NUM_FEATURES, apply_fn, init_fn, make_clients
+from tiny_model import CONFIG, NUM_CLASSES, NUM_FEATURES, apply_fn, init_fn, make_clients
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# test_ensemble's config and chunk shapes: one compiled program for both files.
-CONFIG = FedAvgConfig(global_iters=3, local_iters=2, lr=0.3, batch_size=4)
-
-
-@pytest.fixture(scope="module")
-def clients():
-  return make_clients()
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import flax.linen as nn
 import numpy as np
 
 from ensemble_fl.clients import pack_clients
+from ensemble_fl.fedavg import FedAvgConfig
 
 NUM_FEATURES, NUM_CLASSES = 4, 3
 SIZES = [3, 5, 8, 4, 6, 2]
@@ -23,6 +24,10 @@ class TinyMLP(nn.Module):
 
 MODEL = TinyMLP()
 apply_fn = MODEL.apply
+
+
+# The FedAvg settings of the ensemble and validation tests: one compiled program for both.
+CONFIG = FedAvgConfig(global_iters=3, local_iters=2, lr=0.3, batch_size=4)
 
 
 def init_fn(key):
