@@ -547,10 +547,17 @@ def _dataset_of(command: Command, argv: Sequence[str]) -> str:
   return given if given in DATASETS else command.default_dataset or next(iter(DATASETS))
 
 
+# The library's words for what the command line calls a flag.
+_LIBRARY_TERMS = {"source 'uci'": "--har-data uci", "source 'hapt'": "--har-data hapt"}
+
+
 def _one_line(e: BaseException, flags: dict[str, str]) -> str:
   if isinstance(e, ConfigError):
     return e.describe(lambda field: flags.get(field, field))
-  return " ".join(str(e).split()) or type(e).__name__
+  text = " ".join(str(e).split()) or type(e).__name__
+  for term, flag in _LIBRARY_TERMS.items():
+    text = text.replace(term, flag)
+  return text
 
 
 def _prepare_output(command: Command, args: argparse.Namespace, dataset: str,
@@ -614,7 +621,10 @@ def main(command: Command, argv: Sequence[str] | None = None) -> int:
       if command.check_config is not None:
         command.check_config(cfg, args)
       if cfg.data_dir is not None:  # a file, no folder, an unknown ~user: before any work
-        paths.check_data_dir(cfg.data_dir)
+        try:
+          paths.check_data_dir(cfg.data_dir)
+        except (ValueError, FileNotFoundError) as e:
+          raise type(e)(f"--data-dir {e}") from e
       if checkpointing and args.out is None:
         raise ValueError("--checkpoint needs --out (the folder to resume in)")
       main_process = start_runtime(args)

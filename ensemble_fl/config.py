@@ -158,9 +158,9 @@ class TrainingConfig:
   replicas: int = _field(1, "partition: this many independent partitions into N / replicas "
                             "groups each (every client trains replicas models)")
   plan_seed: int | None = _field(None, "seed of the plan (which clients train which model; "
-                                       "default: --seed)")
+                                       "default: the seed)")
   secret_plan: bool = _field(False, "draw the plan seed from OS entropy; it is never written to "
-                                    "results (only to OUT/checkpoint/plan_seed with --checkpoint, "
+                                    "results (only to OUT/checkpoint/plan_seed when checkpointing, "
                                     "so that a rerun resumes)")
   alpha: float = _field(0.001, "1 - confidence of the Monte Carlo bounds")
   q: float = _field(0.5, "degree of non-IID, 0.1 = IID")

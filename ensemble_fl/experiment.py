@@ -343,7 +343,7 @@ def run(
   nonfinite = ensemble.nonfinite_models(params)
   if nonfinite.size:
     log(f"warning: {nonfinite.size} of {spec.num_models} models ended training with NaN or inf "
-        "parameters (diverged: a smaller --lr may help); they still vote")
+        "parameters (diverged: a smaller learning rate may help); they still vote")
   with progress_lib.timed(timings, "predict", log):
     predictions = predict_labels(cfg, model, params, data.x_test, log)
   del params
@@ -364,7 +364,7 @@ def run(
     baseline_nonfinite = bool(ensemble.nonfinite_models(params).size)
     if baseline_nonfinite:
       log("warning: the single FedAvg baseline ended training with NaN or inf parameters "
-          "(diverged: a smaller --lr may help)")
+          "(diverged: a smaller learning rate may help)")
     with progress_lib.timed(timings, "baseline_predict", log):
       baseline_labels = predict_labels(cfg, model, params, data.x_test, log)[0]
     baseline_ca = baseline_curve(baseline_labels, data.y_test, m_values)

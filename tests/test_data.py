@@ -617,7 +617,7 @@ def test_bad_data_gives_one_clear_line(tmp_path, monkeypatch, setup, error, frag
 def test_missing_hapt_says_how_to_get_data(tmp_path):
   with pytest.raises(FileNotFoundError) as err:
     har_federated("hapt", data_dir=tmp_path)
-  assert "not downloaded" in str(err.value) and "--har-data uci" in str(err.value)
+  assert "not downloaded" in str(err.value) and "source 'uci'" in str(err.value)
   (tmp_path / "x").write_text("")
   with pytest.raises(FileNotFoundError, match="x  \\(a file, not a folder\\)"):
     load_mnist(tmp_path / "x")

@@ -402,7 +402,7 @@ def test_uci_missing_and_offline_is_one_line(fresh_machine, tmp_path):
   with pytest.raises(download.DownloadError) as err:  # the autouse fixture's dead URL
     har.get_uci_har()
   msg = _one_line(err)
-  assert "uci.zip" in msg and "Offline: copy UCI's archive" in msg and "--har-data hapt" in msg
+  assert "uci.zip" in msg and "Offline: copy UCI's archive" in msg and "source 'hapt'" in msg
   with pytest.raises(FileNotFoundError, match="no UCI HAR data"):
     har.get_uci_har(tmp_path)  # a named folder: looked in, never downloaded into
 

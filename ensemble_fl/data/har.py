@@ -418,7 +418,7 @@ def _find_uci(data_dir: str | os.PathLike | None) -> Path | None:
 def _uci_offline_hint(folder: Path) -> str:
   return (f"Offline: copy UCI's archive ({UCI_ARCHIVE_NAMES[0]} or {UCI_ARCHIVE_NAMES[1]}) or "
           f"the extracted '{UCI_FOLDER}' folder into {folder}, or set ${UCI_URL_ENV} to a "
-          "mirror; or run on the HAPT stand-in (--har-data hapt).")
+          "mirror; or run on the HAPT stand-in (source 'hapt').")
 
 
 def fetch_uci_har(
@@ -612,7 +612,7 @@ def _hapt_file(path) -> Path:
       path, "hapt", required=(HAPT_FILE,),
       hint=f"HAPT is the offline stand-in and is not downloaded: copy {HAPT_FILE} (SHA-256 "
            f"{HAPT_SHA256}) into the hapt/ folder of a data root, or use the real UCI HAR data, "
-           "which is downloaded (--har-data uci).")
+           "which is downloaded (source 'uci').")
   return folder / HAPT_FILE
 
 

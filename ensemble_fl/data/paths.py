@@ -38,7 +38,8 @@ def expand(path: str | os.PathLike, what: str) -> Path:
 
   Args:
     path: a path, possibly starting with ``~`` or ``~user``.
-    what: how the path was given, for the message (e.g. ``"$ENSEMBLE_FL_DATA"``).
+    what: how the path was given, for the message (e.g. ``"$ENSEMBLE_FL_DATA"``; empty:
+      the caller names it).
 
   Raises:
     ValueError: ``~`` or ``~user`` cannot be expanded (pathlib's RuntimeError).
@@ -47,7 +48,8 @@ def expand(path: str | os.PathLike, what: str) -> Path:
     return Path(path).expanduser()
   except RuntimeError as err:  # "Could not determine home directory."
     head = str(path).split("/", 1)[0]
-    raise ValueError(f"{what} = {str(path)!r}: cannot expand {head!r} (no such user or "
+    given = f"{what} = " if what else ""
+    raise ValueError(f"{given}{str(path)!r}: cannot expand {head!r} (no such user or "
                      "no home folder); give an absolute path") from err
 
 
@@ -111,7 +113,7 @@ def default_data_dir() -> Path | None:
 
 
 def check_data_dir(data_dir: str | os.PathLike) -> Path:
-  """Checks a data folder named by the user (``--data-dir``), before any work.
+  """Checks a data folder named by the user (the config's ``data_dir``), before any work.
 
   Returns:
     The expanded path.
@@ -120,12 +122,12 @@ def check_data_dir(data_dir: str | os.PathLike) -> Path:
     ValueError: ``~user`` cannot be expanded, or the path is a file.
     FileNotFoundError: there is no such folder.
   """
-  path = expand(data_dir, "--data-dir")
+  path = expand(data_dir, "")
   if path.is_file():
-    raise ValueError(f"--data-dir {str(data_dir)!r} is a file, not a folder "
+    raise ValueError(f"{str(data_dir)!r} is a file, not a folder "
                      "(name the data root holding mnist/, har/, hapt/)")
   if not path.is_dir():
-    raise FileNotFoundError(f"--data-dir {str(data_dir)!r}: no such folder")
+    raise FileNotFoundError(f"{str(data_dir)!r}: no such folder")
   return path
 
 
