@@ -353,34 +353,51 @@ def model_keys(raw_key: jax.Array) -> tuple[jax.Array, jax.Array]:
           jax.random.key_data(jax.random.fold_in(key, 1)))
 
 
-def _train_chunk_impl(init_fn, apply_fn, config, out_sharding, sequential, keys, subsets, x, y,
-                      sizes, attack=None):
-  def train_models(keys, subsets, x, y, sizes, attack):
-    clients = ClientData(x, y, sizes)
+def _over_models(one: Callable[..., Any], per_model: tuple, shared: tuple, mesh: Mesh,
+                 sequential: bool) -> Any:
+  """``one(*per_model[j], *shared)`` for every model j of a chunk, stacked on axis 0.
 
-    def one(raw_key, subset):
-      init_key, train_key = model_keys(raw_key)
-      return fedavg_lib.fedavg(apply_fn, init_fn(init_key), clients, subset, train_key, config,
-                               attack)
+  Args:
+    one: one model's computation.
+    per_model: pytrees whose leaves carry the chunk's leading model axis.
+    shared: values every model reads (replicated).
+    mesh: the chunk's mesh (axis ``MODEL_AXIS``).
+    sequential: :func:`models_in_sequence`: each device runs its own models
+      one after another (``shard_map`` + ``lax.map``); else one ``vmap``.
+  """
+  def run(per_model, shared):
+    def apply(args):
+      return one(*args, *shared)
 
     if sequential:
-      return jax.lax.map(lambda a: one(*a), (keys, subsets))
-    return jax.vmap(one)(keys, subsets)
+      return jax.lax.map(apply, per_model)
+    return jax.vmap(apply)(per_model)
 
   if not sequential:
-    params = train_models(keys, subsets, x, y, sizes, attack)
-    return jax.tree_util.tree_map(
-        lambda p: jax.lax.with_sharding_constraint(p, out_sharding), params)
-  # Each device loops over its own models inside the program; the model axis
-  # is split over the devices explicitly, so no device ever sees another's.
-  models, replicated = PartitionSpec("models"), PartitionSpec()
+    return run(per_model, shared)
+  # The model axis is split over the devices explicitly, so no device ever
+  # sees another's models.
   return jax.shard_map(
-      train_models, mesh=out_sharding.mesh,
-      in_specs=(models, models, replicated, replicated, replicated, replicated),
+      run, mesh=mesh, in_specs=(PartitionSpec(MODEL_AXIS), PartitionSpec()),
       # The body is a per-device program with no collectives; the check of
       # varying vs replicated values would only reject fedavg's scans, whose
       # carries mix the two.
-      out_specs=models, check_vma=False)(keys, subsets, x, y, sizes, attack)
+      out_specs=PartitionSpec(MODEL_AXIS), check_vma=False)(per_model, shared)
+
+
+def _train_chunk_impl(init_fn, apply_fn, config, out_sharding, sequential, keys, subsets, x, y,
+                      sizes, attack=None):
+  def one(raw_key, subset, x, y, sizes, attack):
+    init_key, train_key = model_keys(raw_key)
+    return fedavg_lib.fedavg(apply_fn, init_fn(init_key), ClientData(x, y, sizes), subset,
+                             train_key, config, attack)
+
+  params = _over_models(one, (keys, subsets), (x, y, sizes, attack), out_sharding.mesh,
+                        sequential)
+  if sequential:
+    return params
+  return jax.tree_util.tree_map(
+      lambda p: jax.lax.with_sharding_constraint(p, out_sharding), params)
 
 
 _train_chunk = jax.jit(_train_chunk_impl, static_argnums=(0, 1, 2, 3, 4))
@@ -660,22 +677,11 @@ NONFINITE_POLICIES = ("warn", "raise", "ignore")
 
 
 def _predict_chunk_impl(apply_fn, mesh, sequential, params, xb):
-  def predict_models(params, xb):
-    def one(p):
-      logits = apply_fn(p, xb)
-      return jnp.argmax(logits, axis=-1).astype(jnp.int32), jnp.all(jnp.isfinite(logits),
-                                                                    axis=-1)
+  def one(p, xb):
+    logits = apply_fn(p, xb)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), jnp.all(jnp.isfinite(logits), axis=-1)
 
-    if sequential:
-      return jax.lax.map(one, params)
-    return jax.vmap(one)(params)
-
-  if not sequential:
-    return predict_models(params, xb)
-  # As in training: on a CPU each device runs its own models one after another.
-  models, replicated = PartitionSpec(MODEL_AXIS), PartitionSpec()
-  return jax.shard_map(predict_models, mesh=mesh, in_specs=(models, replicated),
-                       out_specs=models, check_vma=False)(params, xb)
+  return _over_models(one, (params,), (xb,), mesh, sequential)
 
 
 _predict_chunk = jax.jit(_predict_chunk_impl, static_argnums=(0, 1, 2))
