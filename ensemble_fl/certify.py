@@ -365,27 +365,6 @@ def clopper_pearson_lower(top_count, num_models: int, alpha_per_input: float
   return np.where(counts > 0, q, 0.0)
 
 
-def clopper_pearson_upper(count, num_models: int, alpha_per_input: float
-                          ) -> np.ndarray:
-  """One-sided Clopper-Pearson upper bounds, rounded up for safety.
-
-  Args:
-    count: int array [...], vote counts in [0, num_models].
-    num_models: N.
-    alpha_per_input: the one-sided error level of each bound.
-
-  Returns:
-    float64 [...]: 1 - (lower bound of the complementary count), i.e. the
-    Beta(1 - alpha; N_c + 1, N - N_c) quantile pushed *up*; 1 where the
-    count is N.
-  """
-  counts = as_array("count", count)
-  lower = clopper_pearson_lower(num_models - counts.astype(np.int64),
-                                num_models, alpha_per_input)
-  # 1 - lower is exact up to half an ulp; one ulp up keeps it an upper bound.
-  return np.minimum(np.nextafter(1.0 - lower, 2.0), 1.0)
-
-
 # ---------------------------------------------------------------------------
 # Votes.
 
@@ -654,8 +633,8 @@ def _certify_deterministic(preds, counts, subsets, n):
     by_clients[start:stop] = np.sum(
         spent >= -margins[start:stop, :, None], axis=-1)
   levels = np.maximum(by_clients, by_models).min(axis=1)
-  return (top, top_count, runner_up, top.copy(), np.minimum(levels, n),
-          top_count / num_models, runner_up / num_models)
+  return (top, top_count, runner_up, top.copy(), levels, top_count / num_models,
+          runner_up / num_models)
 
 
 def certify(predictions, *, num_classes: int, n: Optional[int] = None,
