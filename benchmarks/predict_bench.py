@@ -1,13 +1,19 @@
 """Prediction throughput: the ensemble's predict vs a per-model loop.
 
-Three ways to label d images with N MnistCNN models (random weights; the work
+Ways to label d images with N MnistCNN models (random weights; the work
 does not depend on them):
 
 * ``sequential``: ``ensemble.predict`` with each device running its models one
-  after another inside the program (the CPU default);
+  after another inside the program (the CPU default), with the convolutions
+  as XLA's own (``conv_impl="xla"``, what the experiments predict with on
+  CPU) or as the trainer's patches + matmul;
 * ``vmap``: ``ensemble.predict`` with the chunk as one ``vmap`` (the
-  accelerator default), forced here;
-* ``loop``: a Python loop over the models, one jitted ``apply`` each.
+  accelerator default), forced here, with patches (under vmap the XLA
+  convolution would be a grouped one);
+* ``loop``: a Python loop over the models, one jitted ``apply`` each (XLA
+  convolutions).
+
+The HAR MLP has no convolution: its rows are sequential, vmap and loop.
 
 Prints model-images per second and the time that rate gives for the
 reference run (500 models x 10,000 images). Compile time is excluded (one
@@ -43,8 +49,13 @@ def main():
   args = parser.parse_args()
   if args.case == "mnist":
     module, shape = models.MnistCNN(), (28, 28, 1)
+    fast = module.clone(conv_impl="xla")
+    variants = (("sequential, xla conv", fast, True), ("sequential, patches", module, True),
+                ("vmap, patches", module, False))
   else:
     module, shape = models.HarMLP(), (561,)
+    fast = module
+    variants = (("sequential", module, True), ("vmap", module, False))
   dummy = jnp.zeros((1, *shape), jnp.float32)
   keys = jax.random.split(jax.random.key(0), args.N)
   params = jax.tree_util.tree_map(
@@ -56,15 +67,15 @@ def main():
 
   rates = {}
   real = ensemble.models_in_sequence
-  for name, sequential in (("sequential", True), ("vmap", False)):
+  for name, variant, sequential in variants:
     ensemble.models_in_sequence = lambda s=sequential: s
     try:
       rates[name] = pairs / _timed(
-          lambda: ensemble.predict(module.apply, params, x))
+          lambda: ensemble.predict(variant.apply, params, x))
     finally:
       ensemble.models_in_sequence = real
 
-  apply = jax.jit(lambda p, xb: jnp.argmax(module.apply(p, xb), -1))
+  apply = jax.jit(lambda p, xb: jnp.argmax(fast.apply(p, xb), -1))
 
   def loop():
     for i in range(args.N):
@@ -75,7 +86,7 @@ def main():
   rates["loop"] = pairs / _timed(loop)
   ref = args.ref_models * args.ref_inputs
   for name, rate in rates.items():
-    print(f"  {name:10s} {rate:10.0f} model-inputs/s   "
+    print(f"  {name:22s} {rate:10.0f} model-inputs/s   "
           f"{args.ref_models} x {args.ref_inputs}: {ref / rate / 60:6.1f} min")
 
 

@@ -296,7 +296,7 @@ class _Check:
     self.x_test, self.y_test = data.x_test, np.asarray(data.y_test, np.int32)
     self.n, self.num_classes = self.clients.num_clients, data.num_classes
     model = make_model(cfg.dataset, self.num_classes, self.clients.feature_shape)
-    self.init_fn, self.apply_fn = model.init_fn, model.apply_fn
+    self.init_fn, self.apply_fn, self.predict_fn = model.init_fn, model.apply_fn, model.predict_fn
     self.template = self.init_fn(jax.random.PRNGKey(0))
     self.fed = fedavg_config(cfg)
     self.spec = resolve_ensemble(dataclasses.replace(cfg, n_clients=self.n))
@@ -317,7 +317,7 @@ class _Check:
 
   def predict(self, params, x, nonfinite: str = "warn") -> np.ndarray:
     with self.timed("predict"):
-      return np.asarray(ensemble.predict(self.apply_fn, params, x, nonfinite=nonfinite))
+      return np.asarray(ensemble.predict(self.predict_fn, params, x, nonfinite=nonfinite))
 
   def certify(self, predictions) -> certify.Certificate:
     return certify_predictions(self.cfg, self.spec, predictions, num_classes=self.num_classes,

@@ -134,13 +134,17 @@ class Model(NamedTuple):
 
   Attributes:
     init_fn: ``init_fn(key) -> params``.
-    apply_fn: ``apply_fn(params, x [B, *feature_shape]) -> logits [B, C]``.
+    apply_fn: ``apply_fn(params, x [B, *feature_shape]) -> logits [B, C]``,
+      the function the trainer differentiates.
     description: the module with its settings (goes into checkpoint fingerprints).
+    predict_fn: the same function of the same params, in the implementation
+      that labels test inputs fastest on this platform (the deployed model).
   """
 
   init_fn: Callable[[Any], Any]
   apply_fn: Callable[[Any, Any], Any]
   description: str
+  predict_fn: Callable[[Any, Any], Any]
 
 
 def make_model(dataset: str, num_classes: int, feature_shape: Sequence[int]) -> Model:
@@ -155,10 +159,15 @@ def make_model(dataset: str, num_classes: int, feature_shape: Sequence[int]) -> 
 
 @functools.lru_cache(maxsize=8)
 def _make_model(dataset: str, num_classes: int, feature_shape: tuple[int, ...]) -> Model:
-  module = models.MnistCNN(num_classes=num_classes) if dataset == "mnist" else \
-      models.HarMLP(num_classes=num_classes)
+  if dataset == "mnist":
+    module = models.MnistCNN(num_classes=num_classes)
+    # Models predicting one after another (CPU) are not vmapped, where XLA's
+    # own convolution beats the trainer's patches + matmul.
+    predictor = module.clone(conv_impl="xla") if ensemble.models_in_sequence() else module
+  else:
+    module = predictor = models.HarMLP(num_classes=num_classes)
   dummy = jnp.zeros((1, *feature_shape), jnp.float32)
-  return Model(lambda key: module.init(key, dummy), module.apply, repr(module))
+  return Model(lambda key: module.init(key, dummy), module.apply, repr(module), predictor.apply)
 
 
 # ---------------------------------------------------------------------------
@@ -239,7 +248,7 @@ def predict_labels(cfg: TrainingConfig, model: Model, stacked_params, x_test,
   """
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always", RuntimeWarning)
-    labels = np.asarray(ensemble.predict(model.apply_fn, stacked_params, x_test,
+    labels = np.asarray(ensemble.predict(model.predict_fn, stacked_params, x_test,
                                          chunk_size=cfg.chunk_size), dtype=np.int32)
   for w in caught:
     log(f"warning: {w.message}")

@@ -11,6 +11,12 @@ convolution as explicit patch extraction plus one matmul with a
 layouts, other patch and pooling schemes, ``nn.Conv``) live in
 ``benchmarks/conv_variants.py``, with their timings in ``benchmarks/README.md``.
 
+Where a model is *not* vmapped -- prediction on CPU, which runs the models one
+after another -- XLA's own convolution is the faster program (3.2x for the
+forward pass at batch 1,024 on the 2-core CPU, ``benchmarks/predict_bench.py``),
+so :class:`PatchConv` also has ``impl="xla"``: the same function of the same
+parameters, computed by ``lax.conv_general_dilated``.
+
 Parameter layout of :class:`PatchConv`: ``kernel`` float32
 ``[kh*kw*cin, cout]`` whose rows are in ``(kh, kw, cin)`` order, i.e. exactly
 ``nn.Conv``'s HWIO kernel reshaped, and ``bias`` float32 ``[cout]``. Its
@@ -27,6 +33,9 @@ import jax.numpy as jnp
 from jax import lax
 
 Array = jax.Array
+
+# PatchConv's implementations (see its docstring).
+CONV_IMPLS = ("patches", "xla")
 
 
 def patch_kernel_init(kernel_size: tuple[int, int], cin: int, base=None):
@@ -82,6 +91,11 @@ class PatchConv(nn.Module):
     kernel_size: ``(kh, kw)``.
     dtype: computation dtype (None: the input's); params stay float32 and the
       output is float32.
+    impl: "patches" (patches @ kernel: a batched matmul under vmap, the
+      trainer's choice) or "xla" (``lax.conv_general_dilated`` with the kernel
+      reshaped to HWIO: fastest for a model that is not vmapped, a grouped
+      convolution under vmap). Same parameters, same function up to float
+      rounding.
 
   Input float ``[B, H, W, cin]``; output float32 ``[B, H-kh+1, W-kw+1, cout]``.
   Params: ``kernel`` float32 ``[kh*kw*cin, cout]`` (rows in ``(kh, kw, cin)``
@@ -91,18 +105,26 @@ class PatchConv(nn.Module):
   features: int
   kernel_size: tuple[int, int] = (5, 5)
   dtype: Any = None
+  impl: str = "patches"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
+    if self.impl not in CONV_IMPLS:
+      raise ValueError(f"impl must be one of {CONV_IMPLS}, got {self.impl!r}")
     kh, kw = self.kernel_size
     cin = x.shape[-1]
     kernel = self.param("kernel", patch_kernel_init(self.kernel_size, cin),
                         (kh * kw * cin, self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
     dtype = self.dtype or x.dtype
-    p = _patches(x.astype(dtype), self.kernel_size)
-    y = jnp.einsum("bhwk,kc->bhwc", p, kernel.astype(dtype)).astype(jnp.float32)
-    return y + bias
+    x = x.astype(dtype)
+    kernel = kernel.astype(dtype)
+    if self.impl == "xla":
+      y = lax.conv_general_dilated(x, kernel.reshape(kh, kw, cin, self.features), (1, 1),
+                                   "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    else:
+      y = jnp.einsum("bhwk,kc->bhwc", _patches(x, self.kernel_size), kernel)
+    return y.astype(jnp.float32) + bias
 
 
 def _max_pool_2x2(x: Array) -> Array:
@@ -127,6 +149,9 @@ class MnistCNN(nn.Module):
   Attributes:
     num_classes: logits width (10).
     dtype: computation dtype (None: the input's); params stay float32.
+    conv_impl: the convolutions' :class:`PatchConv` ``impl``; the parameters
+      do not depend on it, so a model trained with "patches" can predict with
+      "xla".
 
   Input float32 ``[B, 28, 28, 1]`` (pixels / 255; ``[B, 28, 28]`` also
   accepted); output float32 logits ``[B, num_classes]``. The flatten before
@@ -135,14 +160,15 @@ class MnistCNN(nn.Module):
 
   num_classes: int = 10
   dtype: Any = None
+  conv_impl: str = "patches"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     if x.ndim == 3:
       x = x[..., None]
     b = x.shape[0]
-    conv1 = PatchConv(20, (5, 5), self.dtype, name="conv1")
-    conv2 = PatchConv(50, (5, 5), self.dtype, name="conv2")
+    conv1 = PatchConv(20, (5, 5), self.dtype, self.conv_impl, name="conv1")
+    conv2 = PatchConv(50, (5, 5), self.dtype, self.conv_impl, name="conv2")
     x = nn.relu(_max_pool_2x2(conv1(x)))            # [B, 12, 12, 20]
     x = nn.relu(_max_pool_2x2(conv2(x)))            # [B, 4, 4, 50]
     x = x.reshape(b, -1)                            # [B, 800]

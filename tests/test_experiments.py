@@ -17,6 +17,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -507,3 +508,15 @@ def test_public_plan_seed_defaults_to_the_seed():
   cfg = config.ExperimentConfig(seed=7)
   assert experiment.plan_seed(cfg) == 7
   assert experiment.plan_seed(dataclasses.replace(cfg, plan_seed=3)) == 3
+
+
+@pytest.mark.parametrize("dataset, shape, classes", [("mnist", (28, 28, 1), 10), ("har", (12,), 6)])
+def test_the_deployed_predictor_computes_the_trained_function(dataset, shape, classes):
+  # On CPU the MNIST models predict with XLA's convolution, not the trainer's
+  # patches: a different program of the same parameters.
+  model = experiment.make_model(dataset, classes, shape)
+  rng = np.random.default_rng(0)
+  x = rng.random((5, *shape), dtype=np.float32)
+  params = model.init_fn(jax.random.key(3))
+  np.testing.assert_allclose(model.predict_fn(params, x), model.apply_fn(params, x),
+                             rtol=1e-5, atol=1e-5)

@@ -100,11 +100,12 @@ def test_har_mlp_parameter_count_and_shape(features):
       == (5, 4)
 
 
+@pytest.mark.parametrize("impl", ["patches", "xla"])
 @pytest.mark.parametrize("cin", [1, 3])   # conv1's patch convolution; conv2's stacked slices
-def test_patch_conv_against_numpy_loops_and_nn_conv_init(cin):
+def test_patch_conv_against_numpy_loops_and_nn_conv_init(cin, impl):
   rng = np.random.default_rng(cin)
   x = rng.standard_normal((2, 9, 7, cin)).astype(np.float32)
-  conv = PatchConv(4, (3, 2))
+  conv = PatchConv(4, (3, 2), impl=impl)
   params = conv.init(jax.random.key(0), x)
   # Same key -> the very numbers nn.Conv draws (lecun_normal, fan_in kh*kw*cin).
   hwio = nn.Conv(4, (3, 2), padding="VALID").init(jax.random.key(0), x)["params"]["kernel"]
@@ -118,12 +119,20 @@ def test_patch_conv_against_numpy_loops_and_nn_conv_init(cin):
   np.testing.assert_allclose(conv.apply(params, x), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_mnist_cnn_forward_and_gradient_equal_direct_lax_reference():
+@pytest.mark.parametrize("conv_impl", ["patches", "xla"])
+def test_mnist_cnn_forward_and_gradient_equal_direct_lax_reference(conv_impl):
+  # Both implementations read the same parameters (the trainer's "patches"
+  # models predict with "xla" on CPU).
   params = _random_params(MnistCNN(), X_MNIST, 2)
-  logits, grads = _logits_and_grads(MnistCNN().apply, params)
+  logits, grads = _logits_and_grads(MnistCNN(conv_impl=conv_impl).apply, params)
   ref_logits, ref_grads = _logits_and_grads(_reference_logits, params)
   np.testing.assert_allclose(logits, ref_logits, rtol=1e-4, atol=1e-4)
   _assert_trees_close(grads, ref_grads, rtol=1e-4, atol=1e-5)
+
+
+def test_patch_conv_rejects_unknown_impl():
+  with pytest.raises(ValueError, match="impl must be one of"):
+    PatchConv(4, impl="fft").init(jax.random.key(0), np.zeros((1, 5, 5, 1), np.float32))
 
 
 def test_vmap_over_per_model_params_equals_loop():
