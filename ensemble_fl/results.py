@@ -40,6 +40,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -153,13 +154,39 @@ class ExperimentResult:
     return float(np.mean(self.baseline_labels == self.y_true))
 
 
+def _cpu_model() -> str | None:
+  """The CPU's marketing name (Linux ``/proc/cpuinfo``), else None."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or None
+
+
+def _git(*args: str) -> str | None:
+  repo = Path(__file__).resolve().parents[1]
+  try:
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                          timeout=5, check=True).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
 def environment_info() -> dict[str, Any]:
-  """Library versions, devices and machine, for reproducibility."""
+  """Library versions, devices, machine, commit and command line, for reproducibility.
+
+  ``git_dirty``: tracked files differed from ``git_commit`` when the run
+  ended (None outside a git checkout).
+  """
   info: dict[str, Any] = {
+      "command": shlex.join([Path(sys.executable).name, *sys.argv]),
       "python": sys.version.split()[0],
       "platform": platform.platform(),
       "machine": platform.machine(),
-      "processor": platform.processor() or None,
+      "processor": _cpu_model(),
       "cpu_count": os.cpu_count(),
       "jax": jax.__version__,
       "backend": jax.default_backend(),
@@ -171,13 +198,10 @@ def environment_info() -> dict[str, Any]:
   }
   if hasattr(os, "sched_getaffinity"):
     info["cpus_available"] = len(os.sched_getaffinity(0))
-  try:
-    repo = Path(__file__).resolve().parents[1]
-    info["git_commit"] = subprocess.run(
-        ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-        timeout=5, check=True).stdout.strip()
-  except (OSError, subprocess.SubprocessError):
-    info["git_commit"] = None
+  info["git_commit"] = _git("rev-parse", "HEAD")
+  status = None if info["git_commit"] is None else _git("status", "--porcelain",
+                                                         "--untracked-files=no")
+  info["git_dirty"] = None if status is None else bool(status)
   return info
 
 

@@ -160,6 +160,11 @@ def check_run_folder(out, *, baseline):
     assert res["timings_s"][key] >= 0
   env = res["environment"]
   assert env["jax"] and env["flax"] and env["devices"] and env["cpu_count"] >= 1
+  assert re.search(r"experiments/(mnist|har|sweep)\.py --", env["command"])
+  if (REPO / ".git").exists():
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert env["git_commit"] == head and isinstance(env["git_dirty"], bool)
   return res, arrays
 
 
