@@ -66,6 +66,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ensemble_fl._arrays import check_subsets
 from ensemble_fl.clients import ClientData
 
 PyTree = Any
@@ -501,7 +502,7 @@ def choose_malicious(sizes: np.ndarray, m: int, *, strategy: str = "largest",
   elif strategy == "most_models":
     if subsets is None:
       raise ValueError("strategy 'most_models' needs the plan's subsets")
-    subsets = np.asarray(subsets)
+    subsets = check_subsets(subsets, n)
     rows, cols = np.nonzero(subsets >= 0)
     member = np.zeros((n, subsets.shape[0]), bool)  # [client, model]
     member[subsets[rows, cols], rows] = True

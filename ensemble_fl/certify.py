@@ -68,7 +68,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from scipy import special
 
-from ensemble_fl._arrays import as_array
+from ensemble_fl._arrays import as_array, check_subsets
 
 Fraction = fractions.Fraction
 
@@ -561,23 +561,6 @@ def _certify_partition(counts, num_models):
           top_count / num_models, runner_up / num_models)
 
 
-def _check_subsets(subsets, num_models: int, n: int) -> np.ndarray:
-  """Validates int [N, s] client subsets (-1 pads); returns them as numpy."""
-  subsets = as_array("subsets", subsets)
-  if subsets.ndim != 2 or subsets.shape[0] != num_models:
-    raise ValueError(f"subsets must be int [N={num_models}, s] (one row per "
-                     f"model), got shape {subsets.shape}")
-  if not np.issubdtype(subsets.dtype, np.integer):
-    raise ValueError(f"subsets must have an integer dtype, got {subsets.dtype}")
-  if subsets.size and (subsets.min() < -1 or subsets.max() >= n):
-    raise ValueError(f"subsets must hold client ids in [0, n={n}) and -1 "
-                     f"pads, found values in [{subsets.min()}, {subsets.max()}]")
-  ordered = np.sort(subsets, axis=1)
-  if np.any((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)):
-    raise ValueError("subsets has a client listed twice in one model's row")
-  return subsets.astype(np.int64)
-
-
 # (inputs x labels x clients) cells per block of the deterministic mode.
 _DETERMINISTIC_BLOCK_CELLS = 2**23
 
@@ -712,7 +695,7 @@ def certify(predictions, *, num_classes: int, n: Optional[int] = None,
     if n is None or subsets is None:
       raise ValueError("deterministic mode needs n and subsets")
     n = _check_int("n", n, 1)
-    subsets = _check_subsets(subsets, num_models, n)
+    subsets = check_subsets(subsets, n, num_models)
     k = alpha = None
   else:
     n = k = alpha = None

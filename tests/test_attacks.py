@@ -122,6 +122,18 @@ def test_most_models_is_greedy_maximum_coverage(seed):
     attacks.choose_malicious(np.ones(n), 1, strategy="most_models")
 
 
+@pytest.mark.parametrize("subsets, match", [
+    ([[0, 9]], r"ids in \[0, n=9\)"),     # an id past the last client
+    ([[0, -2]], r"ids in \[0, n=9\)"),
+    ([[1, 1]], "listed twice"),
+    ([0, 1], r"int \[N, s\]"),
+    ([[0.0, 1.0]], "integer dtype"),
+])
+def test_most_models_refuses_subsets_that_are_not_a_plan_of_these_clients(subsets, match):
+  with pytest.raises(ValueError, match=match):
+    attacks.choose_malicious(np.ones(9), 1, strategy="most_models", subsets=np.asarray(subsets))
+
+
 # ------------------------------------------------------------- data level
 
 
