@@ -383,6 +383,9 @@ def ignored_fields(cfg: TrainingConfig) -> dict[str, str]:
         f"does not apply to `mode` exact, which trains one model per k-subset: C(n, k) = "
         f"C({cfg.n_clients}, {cfg.k}) = {spec.num_models} models; drop it (or use `mode` "
         "monte_carlo or deterministic for N drawn subsets)")
+  if spec.certify_mode != "monte_carlo":
+    ignored["alpha"] = (f"does not apply to `mode` {spec.mode}: its certificate counts the "
+                        "votes exactly, with no probability bound; alpha is for monte_carlo")
   return ignored
 
 
