@@ -574,12 +574,13 @@ def summary_table(result: AttackEvalResult) -> str:
   return "\n".join(lines)
 
 
-def report(result: AttackEvalResult) -> int:
+def report(result: AttackEvalResult, verbose: bool = True) -> int:
   """Exit status of the check: 0 when no violation and no bit mismatch, else 1
-  (with a ``FAILED`` line on stderr)."""
+  (with a ``FAILED`` line on stderr when ``verbose``)."""
   violations = result.total_violations if result.violations_are_failures else 0
   if violations + result.total_bit_mismatches:
-    print(f"FAILED: {violations} certificate violations, "
-          f"{result.total_bit_mismatches} bit mismatches", file=sys.stderr)
+    if verbose:
+      print(f"FAILED: {violations} certificate violations, "
+            f"{result.total_bit_mismatches} bit mismatches", file=sys.stderr)
     return 1
   return 0

@@ -356,7 +356,11 @@ class Command:
     run: ``run(job, context) -> result`` (an error here is a bug and keeps
       its traceback, except a checkpoint or config mismatch, or a chunk too
       large for memory).
-    write: ``write(result, context) -> exit status``, on process 0 only.
+    write: ``write(result, context)``: the outputs and the summary, on
+      process 0 only.
+    status: ``status(result, context) -> exit status``, on every process (a
+      scheduler may watch any of them, so all exit alike); its message, if
+      any, on process 0 only.
     add_flags: adds its own flags (beyond the config's).
     defaults: ``defaults(args, dataset)``: field values between the preset
       and the flags.
@@ -378,7 +382,8 @@ class Command:
   checkpoint: bool
   load: Callable[..., Any]
   run: Callable[[Any, Context], Any]
-  write: Callable[[Any, Context], int]
+  write: Callable[[Any, Context], None]
+  status: Callable[[Any, Context], int]
   add_flags: Callable[[argparse.ArgumentParser, str], None] | None = None
   defaults: Callable[[argparse.Namespace, str], dict[str, Any]] | None = None
   check_flags: Callable[[argparse.Namespace, dict[str, Any]], None] | None = None
@@ -649,9 +654,9 @@ def main(command: Command, argv: Sequence[str] | None = None) -> int:
       print("\ninterrupted" + (f": finished chunks are in {ctx.checkpoint_dir}, rerun to resume"
                                if checkpointing else ": nothing written"), file=sys.stderr)
       return EXIT_INTERRUPTED
-    if not main_process:  # every process holds the same results; one writes them
-      return 0
-    return command.write(result, ctx)
+    if main_process:  # every process holds the same results; one writes them
+      command.write(result, ctx)
+    return command.status(result, ctx)
   finally:
     if created is not None:
       remove_created(out_dir, created)
@@ -675,22 +680,26 @@ def _run_experiment(job, ctx: Context) -> results.ExperimentResult:
 
 def nonfinite_status(note: str, ctx: Context) -> int:
   """The exit status of a run whose outputs are written: 3 when ``note`` says
-  models diverged (one ``error:`` line), unless ``--keep-nonfinite``."""
+  models diverged (one ``error:`` line on process 0), unless ``--keep-nonfinite``."""
   if not note:
     return 0
   if ctx.args.keep_nonfinite:
     ctx.log(f"warning: {note}; kept (--keep-nonfinite) and marked in every output")
     return 0
-  print(f"error: {note}; the outputs in {ctx.out_dir} are written and marked as such (a "
-        f"smaller --lr may help; --keep-nonfinite accepts such a run with exit status 0)",
-        file=sys.stderr)
+  if ctx.main_process:
+    print(f"error: {note}; the outputs in {ctx.out_dir} are written and marked as such (a "
+          f"smaller --lr may help; --keep-nonfinite accepts such a run with exit status 0)",
+          file=sys.stderr)
   return EXIT_NONFINITE
 
 
-def _write_experiment(result: results.ExperimentResult, ctx: Context) -> int:
+def _write_experiment(result: results.ExperimentResult, ctx: Context) -> None:
   paths = results.write_outputs(ctx.out_dir, result)
   print(results.summary_table(result))
   print(f"outputs: {', '.join(str(p) for p in paths)}")
+
+
+def _experiment_status(result: results.ExperimentResult, ctx: Context) -> int:
   return nonfinite_status(result.nonfinite_note(), ctx)
 
 
@@ -703,6 +712,7 @@ def experiment_command(dataset: str) -> Command:
       config_class=ExperimentConfig, dataset=dataset, default_dataset=None,
       default_preset="paper", out_name=lambda args, ds: ds, checkpoint=True,
       load=_load_experiment, run=_run_experiment, write=_write_experiment,
+      status=_experiment_status,
       nonfinite_flag=True)
 
 
@@ -774,7 +784,7 @@ def _run_sweep(job, ctx: Context):
       progress_factory=ctx.progress_factory, log=ctx.log))
 
 
-def _write_sweep(result, ctx: Context) -> int:
+def _write_sweep(result, ctx: Context) -> None:
   field, runs = result
   for value, run in runs:
     results.write_outputs(ctx.out_dir / f"{ctx.args.param}={value}", run)
@@ -782,6 +792,10 @@ def _write_sweep(result, ctx: Context) -> int:
   print(results.sweep_summary(field, runs, time.perf_counter() - ctx.start))
   print(f"outputs: {ctx.out_dir}/ ({', '.join(p.name for p in paths)}, "
         f"{len(runs)} run folders)")
+
+
+def _sweep_status(result, ctx: Context) -> int:
+  field, runs = result
   return nonfinite_status(results.sweep_nonfinite_note(field, runs), ctx)
 
 
@@ -790,7 +804,8 @@ SWEEP = Command(
     description="Certified accuracy for each value of one parameter (Figures 3-6).",
     config_class=ExperimentConfig, dataset=None, default_dataset=None, default_preset="paper",
     out_name=lambda args, ds: f"sweep-{ds}-{args.param}", checkpoint=True,
-    load=_load_sweep, run=_run_sweep, write=_write_sweep, add_flags=_add_sweep_flags,
+    load=_load_sweep, run=_run_sweep, write=_write_sweep, status=_sweep_status,
+    add_flags=_add_sweep_flags,
     defaults=_sweep_defaults, check_flags=_check_sweep_flags, check_config=_check_sweep_config,
     nonfinite_flag=True)
 
@@ -815,11 +830,14 @@ def _run_attack(job, ctx: Context) -> attack_eval.AttackEvalResult:
   return attack_eval.run(cfg, data, log=ctx.log, timings=ctx.timings)
 
 
-def _write_attack(result: attack_eval.AttackEvalResult, ctx: Context) -> int:
+def _write_attack(result: attack_eval.AttackEvalResult, ctx: Context) -> None:
   paths = results.publish(ctx.out_dir, lambda staging: attack_eval.write_outputs(staging, result))
   print(attack_eval.summary_table(result))
   print(f"outputs: {', '.join(str(p) for p in paths)}")
-  return attack_eval.report(result)
+
+
+def _attack_status(result: attack_eval.AttackEvalResult, ctx: Context) -> int:
+  return attack_eval.report(result, verbose=ctx.main_process)
 
 
 ATTACK = Command(
@@ -828,7 +846,7 @@ ATTACK = Command(
                 "certified prediction changes (exit status 1 if one does).",
     config_class=AttackEvalConfig, dataset=None, default_dataset="har", default_preset="cpu",
     out_name=lambda args, ds: "attack", checkpoint=False,
-    load=_load_attack, run=_run_attack, write=_write_attack)
+    load=_load_attack, run=_run_attack, write=_write_attack, status=_attack_status)
 
 
 def attack_main(argv: Sequence[str] | None = None) -> int:

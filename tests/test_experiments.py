@@ -7,6 +7,7 @@ wrote and that their numbers agree with each other. Bad flags are checked in
 this process (``cli.main`` returns the exit status), which needs no start-up.
 """
 
+import argparse
 import csv
 import dataclasses
 import json
@@ -476,6 +477,27 @@ def test_models_that_diverge_are_reported_not_hidden(lr, diverges):
   assert any("15 of 15 models ended training with NaN" in l for l in lines) == diverges
   assert any(l.startswith("warning: 15 of 15 models give NaN or inf logits") for l in lines) \
       == diverges
+
+
+@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize("main_process", [True, False])
+def test_every_process_exits_alike_when_models_diverge(main_process, keep, capsys, tmp_path):
+  # Only process 0 writes and speaks, but a scheduler may watch any process.
+  cfg = config.ExperimentConfig(**TINY_CFG, num_models=15, lr=1e30, mode="exact")
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    result = experiment.run(cfg, data=synthetic_data(), log=lambda line: None)
+  lines = []
+  ctx = cli.Context(args=argparse.Namespace(keep_nonfinite=keep), dataset="har",
+                    out_dir=tmp_path, checkpoint_dir=None, main_process=main_process,
+                    log=lines.append if main_process else (lambda line: None),
+                    progress_factory=None, timings={}, start=0.0)
+  for command, res in ((cli.experiment_command("har"), result),
+                       (cli.SWEEP, ("k", [(2, result)]))):
+    assert command.status(res, ctx) == (0 if keep else cli.EXIT_NONFINITE)
+  err = capsys.readouterr().err
+  assert ("error:" in err) == (main_process and not keep)
+  assert bool(lines) == (main_process and keep)
 
 
 def test_secret_replicated_partition_resumes_and_never_publishes_its_seed(tmp_path):
