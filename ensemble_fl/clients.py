@@ -99,8 +99,21 @@ def pack_clients(
   return ClientData(x_out, y_out, sizes)
 
 
+def real_labels(y: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+  """The labels training reads: ``y[i, :sizes[i]]`` of every client, flattened.
+
+  Padding rows (``j >= sizes[i]``) are never read, so their labels do not matter.
+  """
+  y, sizes = np.asarray(y), np.asarray(sizes)
+  return y[np.arange(y.shape[1])[None, :] < sizes[:, None]]
+
+
 def validate_clients(clients: ClientData, *, num_classes: int | None = None) -> None:
-  """Checks a :class:`ClientData` built by hand; raises ValueError on any defect."""
+  """Checks a :class:`ClientData` built by hand; raises ValueError on any defect.
+
+  Labels are checked where training reads them (:func:`real_labels`):
+  non-negative, and below ``num_classes`` when it is given.
+  """
   if not isinstance(clients, tuple) or len(clients) != 3:
     raise TypeError(
         f"clients must be a ClientData(x, y, sizes), got {type(clients).__name__}")
@@ -122,10 +135,11 @@ def validate_clients(clients: ClientData, *, num_classes: int | None = None) -> 
     bad = int(np.flatnonzero((sizes < 1) | (sizes > x.shape[1]))[0])
     raise ValueError(
         f"clients.sizes: client {bad} has size {int(sizes[bad])}, must be in [1, {x.shape[1]}]")
-  if np.any(y < 0) or (num_classes is not None and np.any(y >= num_classes)):
+  labels = real_labels(y, sizes)
+  if np.any(labels < 0) or (num_classes is not None and np.any(labels >= num_classes)):
     bound = "non-negative" if num_classes is None else f"in [0, {num_classes})"
-    raise ValueError(f"clients.y has labels that are not {bound}: min {int(y.min())}, "
-                     f"max {int(y.max())}")
+    raise ValueError(f"clients.y has labels that are not {bound}: min {int(labels.min())}, "
+                     f"max {int(labels.max())}")
 
 
 _F32_MAX = float(np.finfo(np.float32).max)

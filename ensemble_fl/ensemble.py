@@ -53,7 +53,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ensemble_fl import fedavg as fedavg_lib
 from ensemble_fl.checkpoint import ChunkStore, array_digest
-from ensemble_fl.clients import ClientData, check_features, validate_clients
+from ensemble_fl.clients import ClientData, check_features, real_labels, validate_clients
 from ensemble_fl.distributed import is_main_process, to_global, to_host
 
 PyTree = Any
@@ -597,8 +597,7 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
         f"init_fn/apply_fn do not fit clients.x of feature shape {clients.feature_shape}: "
         f"{e}") from e
   num_classes = _logits_classes(logits)
-  real = np.arange(clients.y.shape[1])[None, :] < np.asarray(clients.sizes)[:, None]
-  top_label = int(np.asarray(clients.y)[real].max())
+  top_label = int(real_labels(clients.y, clients.sizes).max())
   if top_label >= num_classes:  # its loss would be NaN: optax indexes past the logits
     raise ValueError(
         f"clients.y holds label {top_label} but the model has {num_classes} classes "

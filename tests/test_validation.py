@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import Mesh
 
 from ensemble_fl import ensemble
-from ensemble_fl.clients import ClientData
+from ensemble_fl.clients import ClientData, validate_clients
 from ensemble_fl.fedavg import FedAvgConfig, fedavg
 from tiny_model import CONFIG, NUM_CLASSES, NUM_FEATURES, apply_fn, init_fn, make_clients
 
@@ -65,6 +65,20 @@ def test_label_in_a_padding_row_is_not_read(clients, plan, params):
   padded = _with_label(clients, 0, 5, NUM_CLASSES + 7)
   again = ensemble.train_ensemble(init_fn, apply_fn, padded, plan, CONFIG, chunk_size=3)
   _assert_trees_equal(again, params)
+
+
+@pytest.mark.parametrize("row, label, ok", [
+    (5, NUM_CLASSES + 7, True), (5, -3, True),      # padding rows: never read
+    (0, NUM_CLASSES, False), (0, -1, False),        # real rows
+])
+def test_validate_clients_checks_the_labels_training_reads(clients, row, label, ok):
+  assert clients.sizes[0] < 6
+  bad = _with_label(clients, 0, row, label)
+  if ok:
+    validate_clients(bad, num_classes=NUM_CLASSES)
+  else:
+    with pytest.raises(ValueError, match="clients.y has labels that are not"):
+      validate_clients(bad, num_classes=NUM_CLASSES)
 
 
 # --------------------------------------------------------- a model that does not fit the inputs
