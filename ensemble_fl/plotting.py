@@ -51,8 +51,12 @@ def plot_curves(
     title: str = "",
     xlabel: str = "number of malicious clients m",
     ylabel: str = "certified accuracy",
+    points: Sequence[Curve] = (),
 ) -> Path | None:
   """Draws CA@m against m, one line per curve, and saves it to ``path``.
+
+  ``points``: values known only at some m (e.g. those a paper's text
+  states), drawn as unconnected crosses, one legend entry each.
 
   Returns:
     The path written, or None when matplotlib is unavailable.
@@ -68,6 +72,9 @@ def plot_curves(
       ax.plot(m, np.asarray(ca), label=label, linewidth=1.6,
               marker=_MARKERS[i % len(_MARKERS)] if longest <= 25 else None,
               markersize=4)
+    for i, (label, m, ca) in enumerate(points):
+      ax.scatter(np.asarray(m), np.asarray(ca), label=label, marker="x", s=60, zorder=3,
+                 color=f"C{(len(curves) + i) % 10}")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_ylim(-0.02, 1.02)
@@ -76,8 +83,8 @@ def plot_curves(
     ax.grid(True, alpha=0.3)
     if title:
       ax.set_title(title, fontsize=10)
-    if curves:
-      ax.legend()
+    if curves or points:
+      ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)

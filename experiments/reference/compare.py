@@ -1,7 +1,11 @@
 """Tables and figures of the reference runs in this folder, from their results.json alone.
 
-Usage: python experiments/reference/compare.py   (writes compare-mnist.png, compare-har.png and
-prints the README's tables as markdown)
+Usage: python experiments/reference/compare.py
+
+Writes, for each data set, ``compare-<dataset>.png`` (the CPU preset's plans at
+comparable cost) and ``paper-<dataset>.png`` (the paper's stated values, our
+runs at the paper's N, and the CPU preset), and prints the README's tables as
+markdown. A folder that is not there yet (a run still in progress) is left out.
 """
 
 import json
@@ -11,8 +15,8 @@ from ensemble_fl import plotting
 
 HERE = Path(__file__).resolve().parent
 
-# (folder, label); the order of the README's tables.
-RUNS = {
+# The CPU preset's plans at comparable cost: (folder, label), in table order.
+PLANS = {
     "mnist": [("mnist-cpu-monte_carlo", "Monte Carlo, N = 80 (idealised, w.p. 0.999)"),
               ("mnist-cpu-deterministic", "same models, deployed vote"),
               ("mnist-cpu-partition-N80", "partition, N = 80"),
@@ -22,7 +26,25 @@ RUNS = {
             ("har-cpu-partition-N15", "partition, N = 15"),
             ("har-cpu-replicated-N435-s29", "29 partitions, N = 435")],
 }
-COLUMNS = {"mnist": (0, 5, 10, 20, 30, 40), "har": (0, 1, 2, 4, 5, 6, 7, 8)}
+PLAN_COLUMNS = {"mnist": (0, 5, 10, 20, 30, 40), "har": (0, 1, 2, 4, 5, 6, 7, 8)}
+
+# Against the paper: our runs at its N (and the CPU preset), in table order.
+VS_PAPER = {
+    "mnist": [("mnist-N500", "ours, Monte Carlo (idealised, w.p. 0.999)"),
+              ("mnist-N500-deterministic", "ours, same models, deployed vote"),
+              ("mnist-N500-replicated", "ours, 5 partitions, deployed vote"),
+              ("mnist-cpu-monte_carlo", "CPU preset, Monte Carlo")],
+    "har": [("har-paper", "ours, exact"),
+            ("har-cpu-exact", "CPU preset, exact")],
+}
+PAPER_COLUMNS = {"mnist": (0, 10, 20, 30, 40, 50, 60), "har": (0, 1, 2, 4, 6, 8)}
+
+# What the paper's text states (its figures give no numbers): CA@m values,
+# and the largest m at which CA is still above 0 ("CA reaches 0 at m = 61").
+PAPER = {
+    "mnist": dict(settings="500 | 3,000 | 0.001 | 32 | 10,000", ca={20: 0.88}, largest=60),
+    "har": dict(settings="435 | 5,000 | 0.001 | 32 | 2,576 (UCI HAR)", ca={}, largest=8),
+}
 
 
 def ca_at(record: dict, m: int) -> float:
@@ -30,23 +52,62 @@ def ca_at(record: dict, m: int) -> float:
   return curve["ensemble"][curve["m"].index(m)] if m in curve["m"] else 0.0
 
 
+def load(folders):
+  return [(label, json.loads((HERE / folder / "results.json").read_text()))
+          for folder, label in folders if (HERE / folder / "results.json").exists()]
+
+
+def settings(r: dict) -> str:
+  c = r["config"]
+  return (f"{r['num_models']} | {c['global_iters']:,} | {c['lr']:g} | {c['batch_size']} | "
+          f"{r['num_test']:,}")
+
+
+def plans_table(dataset: str) -> None:
+  records = load(PLANS[dataset])
+  if not records:
+    return
+  plotting.plot_curves(HERE / f"compare-{dataset}.png",
+                       [(label, r["certified_accuracy"]["m"], r["certified_accuracy"]["ensemble"])
+                        for label, r in records],
+                       title=f"{dataset.upper()} CPU preset: plans compared")
+  cols = PLAN_COLUMNS[dataset]
+  print(f"\n{dataset}, plans: | plan | N | vote accuracy | "
+        + " | ".join(f"CA@{m}" for m in cols) + " | largest level |")
+  for label, r in records:
+    print(f"| {label} | {r['num_models']} | {r['vote_accuracy']:.3f} | "
+          + " | ".join(f"{ca_at(r, m):.3f}" for m in cols) + f" | {r['max_certified_level']} |")
+
+
+def paper_table(dataset: str) -> None:
+  records = load(VS_PAPER[dataset])
+  paper = PAPER[dataset]
+  cols = PAPER_COLUMNS[dataset]
+  print(f"\n{dataset}, vs the paper: | run | N | rounds | η | B | test inputs | vote accuracy | "
+        + " | ".join(f"CA@{m}" for m in cols) + " | largest level | training | prediction |")
+  print(f"| paper (its text) | {paper['settings']} | – | "
+        + " | ".join(f"{paper['ca'][m]:.2f}" if m in paper["ca"] else "–" for m in cols)
+        + f" | {paper['largest']} | – | – |")
+  for label, r in records:
+    t = r["timings_s"]
+    print(f"| {label} | {settings(r)} | {r['vote_accuracy']:.3f} | "
+          + " | ".join(f"{ca_at(r, m):.3f}" for m in cols)
+          + f" | {r['max_certified_level']} | {t['train'] / 60:.1f} min"
+          + f" | {t['predict'] / 60:.1f} min |")
+  if records:
+    points = [("paper (its text)", [*paper["ca"], paper["largest"] + 1],
+               [*paper["ca"].values(), 0.0])]
+    plotting.plot_curves(
+        HERE / f"paper-{dataset}.png",
+        [(label, r["certified_accuracy"]["m"], r["certified_accuracy"]["ensemble"])
+         for label, r in records],
+        points=points, title=f"{dataset.upper()}: the paper's stated values and our runs")
+
+
 def main():
-  for dataset, runs in RUNS.items():
-    records = [(label, json.loads((HERE / folder / "results.json").read_text()))
-               for folder, label in runs if (HERE / folder / "results.json").exists()]
-    if not records:
-      continue
-    curves = [(label, r["certified_accuracy"]["m"], r["certified_accuracy"]["ensemble"])
-              for label, r in records]
-    plotting.plot_curves(HERE / f"compare-{dataset}.png", curves,
-                         title=f"{dataset.upper()} CPU preset: plans compared")
-    cols = COLUMNS[dataset]
-    print(f"\n{dataset}: | plan | N | vote accuracy | " + " | ".join(f"CA@{m}" for m in cols)
-          + " | largest level |")
-    for label, r in records:
-      print(f"| {label} | {r['num_models']} | {r['vote_accuracy']:.3f} | "
-            + " | ".join(f"{ca_at(r, m):.3f}" for m in cols)
-            + f" | {r['max_certified_level']} |")
+  for dataset in PLANS:
+    plans_table(dataset)
+    paper_table(dataset)
 
 
 if __name__ == "__main__":
