@@ -235,11 +235,12 @@ class ChunkStore:
   def has(self, index: int) -> bool:
     return self._path(index).exists()
 
-  def save(self, index: int, tree: Any) -> None:
+  def save(self, index: int, tree: Any, seconds: float | None = None) -> None:
     """Atomically writes one chunk: a pytree of arrays (params or predictions).
 
     The file holds the leaves and a header with this store's fingerprint
-    digest, ``index`` and the digest of the leaves.
+    digest, ``index``, the digest of the leaves and ``seconds``, the wall time
+    the chunk took (see :func:`recorded_seconds`).
     """
     import jax  # pylint: disable=g-import-not-at-top  (keeps this module light to import)
     path = self._path(index)
@@ -249,7 +250,8 @@ class ChunkStore:
       if a.dtype.kind not in "biufc":  # object arrays would need pickle to load
         raise TypeError(f"tree leaf {name} has dtype {a.dtype}; only numeric arrays are stored")
     header = {"format": _CHUNK_FORMAT, "fingerprint": self.fingerprint_digest,
-              "index": int(index), "digest": array_digest(*arrays.values())}
+              "index": int(index), "digest": array_digest(*arrays.values()),
+              "seconds": None if seconds is None else float(seconds)}
     arrays[_HEADER] = np.frombuffer(json.dumps(header, sort_keys=True).encode(), np.uint8)
     _atomic_write(path, lambda f: np.savez(f, **arrays))
 
@@ -332,3 +334,23 @@ class ChunkStore:
             f"checkpoint chunk {index}: {name} has shape {got.shape}, expected {want_shape} "
             f"in {path}; delete this file and rerun to train chunk {index} again")
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def recorded_seconds(run_dir: str | os.PathLike) -> float | None:
+  """The wall time of a checkpointed run over every session that worked on it.
+
+  The sum of the ``seconds`` the chunk headers in ``run_dir`` record (each
+  chunk's, from the session that trained it); None when a chunk records none
+  (written before chunks recorded their time) or there are no chunks. Reads
+  headers only; the chunks are assumed checked (by :meth:`ChunkStore.load`).
+  """
+  total = 0.0
+  paths = sorted(p for p in (Path(run_dir) / "chunks").glob("chunk_*.npz")
+                 if _CHUNK_RE.match(p.name))
+  for path in paths:
+    with np.load(path, allow_pickle=False) as data:
+      seconds = json.loads(data[_HEADER].tobytes().decode()).get("seconds")
+    if seconds is None:
+      return None
+    total += seconds
+  return total if paths else None

@@ -42,6 +42,7 @@ import functools
 import itertools
 import math
 import os
+import time
 import warnings
 from typing import Any, Callable
 
@@ -652,14 +653,19 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
       attack = jax.tree_util.tree_map(lambda a: to_global(np.asarray(a), replicated), attack)
 
   pending = launch(starts[todo[0]]) if todo else None
+  last = time.perf_counter()
   for j, i in enumerate(todo):
     # Dispatch the next chunk before fetching this one: the device never
     # waits on the host copy.
     nxt = launch(starts[todo[j + 1]]) if j + 1 < len(todo) else None
     count, out = pending
     host = jax.tree_util.tree_map(lambda a, c=count: to_host(a)[:c], out)
+    # Chunks finish one after another, so the time between two finishes is
+    # the later one's (the first's includes compiling).
+    now = time.perf_counter()
     if store is not None and is_main_process():
-      store.save(i, host)
+      store.save(i, host, seconds=now - last)
+    last = now
     results[i] = host
     done += count
     if progress is not None:

@@ -37,7 +37,7 @@ from ensemble_fl import distributed
 from ensemble_fl import ensemble
 from ensemble_fl import models
 from ensemble_fl import progress as progress_lib
-from ensemble_fl.checkpoint import DamagedCheckpointError
+from ensemble_fl.checkpoint import DamagedCheckpointError, recorded_seconds
 from ensemble_fl.clients import ClientData
 from ensemble_fl.config import (DATASETS, ConfigError, EnsembleSpec, ExperimentConfig,
                                 TrainingConfig, fedavg_config, ignored_fields,
@@ -219,6 +219,17 @@ def make_plan(cfg: TrainingConfig, spec: EnsembleSpec, n: int, seed: int
                             seed=seed)
 
 
+def _add_recorded_time(timings: dict[str, float], phase: str,
+                       checkpoint_dir: str | None) -> None:
+  """``timings[phase + "_all_sessions"]``: the phase's wall time summed over
+  every session that trained a chunk of it (a resumed run's ``phase`` entry
+  counts this session only)."""
+  if checkpoint_dir is not None:
+    recorded = recorded_seconds(checkpoint_dir)
+    if recorded is not None:
+      timings[f"{phase}_all_sessions"] = recorded
+
+
 def train_models(cfg: TrainingConfig, model: Model, clients: ClientData,
                  plan: ensemble.SubsamplePlan, progress=None,
                  checkpoint_dir: str | os.PathLike | None = None,
@@ -349,6 +360,7 @@ def run(
                           progress(f"ensemble ({spec.num_models} models)"),
                           checkpoint_dir=_subdir(checkpoint_dir, "ensemble"),
                           data_source=data.origin.get("source"))
+  _add_recorded_time(timings, "train", _subdir(checkpoint_dir, "ensemble"))
   nonfinite = ensemble.nonfinite_models(params)
   if nonfinite.size:
     log(f"warning: {nonfinite.size} of {spec.num_models} models ended training with NaN or inf "
@@ -370,6 +382,7 @@ def run(
       params = train_models(cfg, model, data.clients, single, progress("single FedAvg"),
                             checkpoint_dir=_subdir(checkpoint_dir, "baseline"),
                             data_source=data.origin.get("source"))
+    _add_recorded_time(timings, "baseline_train", _subdir(checkpoint_dir, "baseline"))
     baseline_nonfinite = bool(ensemble.nonfinite_models(params).size)
     if baseline_nonfinite:
       log("warning: the single FedAvg baseline ended training with NaN or inf parameters "

@@ -419,6 +419,11 @@ def summary_table(result: ExperimentResult) -> str:
            "total")
   times = [f"{k} {format_seconds(result.timings[k])}" for k in order if k in result.timings]
   lines.append("wall time: " + ", ".join(times))
+  resumed = [f"{k} {format_seconds(result.timings[k + '_all_sessions'])}"
+             for k in ("train", "baseline_train")
+             if result.timings.get(k + "_all_sessions", 0) > result.timings.get(k, 0)]
+  if resumed:  # a resumed run: this session trained only part of it
+    lines.append("over all sessions: " + ", ".join(resumed))
   return "\n".join(lines)
 
 

@@ -9,7 +9,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from ensemble_fl.checkpoint import (ChunkStore, ConfigMismatchError, DamagedCheckpointError,
+from ensemble_fl.checkpoint import (ChunkStore, recorded_seconds, ConfigMismatchError, DamagedCheckpointError,
                                     array_digest)
 
 
@@ -99,6 +99,22 @@ def test_array_digest_sees_every_change(change):
 def _npz(path):
   with np.load(path, allow_pickle=False) as data:
     return {name: data[name] for name in data.files}
+
+
+@pytest.mark.parametrize("seconds, want", [
+    ([], None),                      # no chunks
+    ([1.5], 1.5),
+    ([1.5, 2.25, 0.0], 3.75),        # sessions add up
+    ([1.5, None], None),             # a chunk without its time: no total
+])
+def test_recorded_seconds_sums_every_chunk(tmp_path, seconds, want):
+  store = ChunkStore(tmp_path, {"a": 1})
+  for i, s in enumerate(seconds):
+    store.save(i, {"w": np.full(2, i)}, seconds=s)
+  assert recorded_seconds(tmp_path) == want
+  # The time is in the header, outside the digest: the arrays still load.
+  for i in range(len(seconds)):
+    np.testing.assert_array_equal(store.load(i, {"w": np.zeros(2)})["w"], np.full(2, i))
 
 
 def test_chunk_header_holds_fingerprint_index_and_digest(tmp_path):

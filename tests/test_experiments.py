@@ -531,6 +531,9 @@ def test_secret_replicated_partition_resumes_and_never_publishes_its_seed(tmp_pa
   again = experiment.run(cfg, data=data, checkpoint_dir=tmp_path, log=lines.append)
   np.testing.assert_array_equal(again.predictions, first.predictions)
   assert again.timings["train"] < first.timings["train"]
+  # The chunks keep their training time: a resumed run reports it for all sessions.
+  assert 0 < first.timings["train_all_sessions"] <= first.timings["train"]
+  assert again.timings["train_all_sessions"] == first.timings["train_all_sessions"]
   # Without a checkpoint, a secret plan is drawn afresh (and never stored).
   plan_seeds = {experiment.plan_seed(cfg) for _ in range(3)}
   assert len(plan_seeds) == 3 and seed not in plan_seeds
