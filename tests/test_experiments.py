@@ -479,14 +479,20 @@ def test_models_that_diverge_are_reported_not_hidden(lr, diverges):
       == diverges
 
 
-@pytest.mark.parametrize("keep", [False, True])
-@pytest.mark.parametrize("main_process", [True, False])
-def test_every_process_exits_alike_when_models_diverge(main_process, keep, capsys, tmp_path):
-  # Only process 0 writes and speaks, but a scheduler may watch any process.
+@pytest.fixture(scope="module")
+def diverged_result():
   cfg = config.ExperimentConfig(**TINY_CFG, num_models=15, lr=1e30, mode="exact")
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)
-    result = experiment.run(cfg, data=synthetic_data(), log=lambda line: None)
+    return experiment.run(cfg, data=synthetic_data(), log=lambda line: None)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize("main_process", [True, False])
+def test_every_process_exits_alike_when_models_diverge(main_process, keep, diverged_result,
+                                                       capsys, tmp_path):
+  # Only process 0 writes and speaks, but a scheduler may watch any process.
+  result = diverged_result
   lines = []
   ctx = cli.Context(args=argparse.Namespace(keep_nonfinite=keep), dataset="har",
                     out_dir=tmp_path, checkpoint_dir=None, main_process=main_process,
