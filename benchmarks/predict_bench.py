@@ -19,7 +19,12 @@ Prints model-images per second and the time that rate gives for the
 reference run (500 models x 10,000 images). Compile time is excluded (one
 warm-up call).
 
+With ``--batch-sizes 256,512,1024`` it times only the CPU default program
+(models in sequence, XLA convolutions for MNIST) at each ``batch_size``,
+interleaved over ``--repeats`` rounds, and prints each run's rate.
+
 Usage: python benchmarks/predict_bench.py [--N 32] [--d 2000] [--case mnist|har]
+       [--batch-sizes 256,512,1024 --repeats 3]
 """
 
 import argparse
@@ -46,6 +51,9 @@ def main():
   parser.add_argument("--case", choices=("mnist", "har"), default="mnist")
   parser.add_argument("--ref-models", type=int, default=500)
   parser.add_argument("--ref-inputs", type=int, default=10_000)
+  parser.add_argument("--batch-sizes", default=None,
+                      help="comma-separated predict batch sizes to compare (default program)")
+  parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
   if args.case == "mnist":
     module, shape = models.MnistCNN(), (28, 28, 1)
@@ -64,6 +72,22 @@ def main():
   pairs = args.N * args.d
   print(f"{args.case}: N = {args.N} models x d = {args.d} inputs on "
         f"{jax.device_count()} {jax.default_backend()} device(s)")
+
+  if args.batch_sizes:
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    runs = {b: [] for b in sizes}
+    for b in sizes:  # compile each once
+      ensemble.predict(variants[0][1].apply, params, x, batch_size=b)
+    for _ in range(args.repeats):
+      for b in sizes:
+        start = time.perf_counter()
+        ensemble.predict(variants[0][1].apply, params, x, batch_size=b)
+        runs[b].append(pairs / (time.perf_counter() - start))
+    for b, rates in runs.items():
+      print(f"  batch_size {b:5d}: " + ", ".join(f"{r:8.0f}" for r in rates)
+            + f" model-inputs/s (best {max(rates):.0f}: {args.ref_models} x {args.ref_inputs} in "
+            f"{args.ref_models * args.ref_inputs / max(rates) / 60:.1f} min)")
+    return
 
   rates = {}
   real = ensemble.models_in_sequence

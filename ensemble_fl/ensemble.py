@@ -74,6 +74,11 @@ PREDICT_PAIRS_PER_CALL = 16_384
 # On a CPU predict's models run in sequence inside the program (as training's),
 # so a call can hold this many times more of them for the same memory.
 PREDICT_SEQUENTIAL_FACTOR = 4
+# predict's default inputs per call: on a CPU (models in sequence) 512 was
+# 7-40 % faster than 1024 for the MNIST CNN in each measurement
+# (benchmarks/predict_bench.py --batch-sizes); elsewhere 1024.
+PREDICT_BATCH_CPU = 512
+PREDICT_BATCH = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -693,7 +698,7 @@ _predict_chunk = jax.jit(_predict_chunk_impl, static_argnums=(0, 1, 2))
 
 
 def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray, *,
-            chunk_size: int | None = None, batch_size: int = 1024,
+            chunk_size: int | None = None, batch_size: int | None = None,
             nonfinite: str = "warn", mesh: Mesh | None = None) -> np.ndarray:
   """Every model's predicted label for every input.
 
@@ -712,7 +717,8 @@ def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray,
       ``PREDICT_SEQUENTIAL_FACTOR`` on a CPU, where a device runs its models
       one after another, as in training) so memory stays bounded whatever the
       batch size.
-    batch_size: inputs per compiled call.
+    batch_size: inputs per compiled call; default ``PREDICT_BATCH_CPU`` (512)
+      where models run in sequence (CPU), else ``PREDICT_BATCH`` (1024).
     nonfinite: models with non-finite logits on some input: ``"warn"``
       (a ``RuntimeWarning`` naming them), ``"raise"`` (``ValueError``) or
       ``"ignore"``. :func:`nonfinite_models` finds them from the params.
@@ -746,6 +752,9 @@ def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray,
   if not callable(apply_fn):
     raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
   check_features("x", x)
+  sequential = models_in_sequence()
+  if batch_size is None:
+    batch_size = PREDICT_BATCH_CPU if sequential else PREDICT_BATCH
   batch_size = _check_pos_int("batch_size", batch_size)
   mesh = _mesh(mesh)
   try:  # trace one model on one input: a mismatch names x and the params, not flax's scopes
@@ -762,7 +771,6 @@ def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray,
   model_sharding = NamedSharding(mesh, PartitionSpec(MODEL_AXIS))
   replicated = NamedSharding(mesh, PartitionSpec())
   bs = min(batch_size, d)
-  sequential = models_in_sequence()
   if chunk_size is None:
     # A vmapped chunk holds every model's activations at once; a sequential
     # one only one model's, so it may hold more models per call.
