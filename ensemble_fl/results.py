@@ -175,11 +175,24 @@ def _git(*args: str) -> str | None:
     return None
 
 
+def _code_version() -> tuple[str | None, bool | None]:
+  """``(commit, dirty)`` of the checkout this process imported the library from."""
+  commit = _git("rev-parse", "HEAD")
+  status = None if commit is None else _git("status", "--porcelain", "--untracked-files=no")
+  return commit, None if status is None else bool(status)
+
+
+# Read when the library is imported, not when results are written: a run of
+# hours must record the code it ran, not what the checkout holds at its end.
+_CODE_VERSION = _code_version()
+
+
 def environment_info() -> dict[str, Any]:
   """Library versions, devices, machine, commit and command line, for reproducibility.
 
-  ``git_dirty``: tracked files differed from ``git_commit`` when the run
-  ended (None outside a git checkout).
+  ``git_commit`` / ``git_dirty``: the checkout's HEAD when this process
+  imported the library, and whether tracked files differed from it then
+  (None outside a git checkout).
   """
   info: dict[str, Any] = {
       "command": shlex.join([Path(sys.executable).name, *sys.argv]),
@@ -198,10 +211,7 @@ def environment_info() -> dict[str, Any]:
   }
   if hasattr(os, "sched_getaffinity"):
     info["cpus_available"] = len(os.sched_getaffinity(0))
-  info["git_commit"] = _git("rev-parse", "HEAD")
-  status = None if info["git_commit"] is None else _git("status", "--porcelain",
-                                                         "--untracked-files=no")
-  info["git_dirty"] = None if status is None else bool(status)
+  info["git_commit"], info["git_dirty"] = _CODE_VERSION
   return info
 
 

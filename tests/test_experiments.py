@@ -561,3 +561,13 @@ def test_the_deployed_predictor_computes_the_trained_function(dataset, shape, cl
   params = model.init_fn(jax.random.key(3))
   np.testing.assert_allclose(model.predict_fn(params, x), model.apply_fn(params, x),
                              rtol=1e-5, atol=1e-5)
+
+
+def test_results_record_the_commit_the_process_imported(monkeypatch):
+  # A run of hours records the code it ran, not the checkout at its end.
+  at_import = results.environment_info()
+  monkeypatch.setattr(results, "_git", lambda *args: "f" * 40)
+  later = results.environment_info()
+  assert (later["git_commit"], later["git_dirty"]) == (at_import["git_commit"],
+                                                      at_import["git_dirty"])
+  assert results._code_version() == ("f" * 40, True)  # what reading it at the end would give
