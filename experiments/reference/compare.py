@@ -37,6 +37,8 @@ VS_PAPER = {
     "har": [("har-paper", "ours, exact"),
             ("har-cpu-exact", "CPU preset, exact")],
 }
+# Runs that certified another run's models (its checkpoint, nothing retrained).
+SAME_MODELS = {"mnist-N500-deterministic": "mnist-N500"}
 PAPER_COLUMNS = {"mnist": (0, 10, 20, 30, 40, 50, 60), "har": (0, 1, 2, 4, 6, 8)}
 
 # What the paper's text states (its figures give no numbers): CA@m values,
@@ -53,8 +55,13 @@ def ca_at(record: dict, m: int) -> float:
 
 
 def load(folders):
-  return [(label, json.loads((HERE / folder / "results.json").read_text()))
+  """``(label, results.json, folder)`` of each folder that has its results."""
+  return [(label, json.loads((HERE / folder / "results.json").read_text()), folder)
           for folder, label in folders if (HERE / folder / "results.json").exists()]
+
+
+def minutes(seconds: float) -> str:
+  return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.2f} h"
 
 
 def settings(r: dict) -> str:
@@ -69,12 +76,12 @@ def plans_table(dataset: str) -> None:
     return
   plotting.plot_curves(HERE / f"compare-{dataset}.png",
                        [(label, r["certified_accuracy"]["m"], r["certified_accuracy"]["ensemble"])
-                        for label, r in records],
+                        for label, r, _ in records],
                        title=f"{dataset.upper()} CPU preset: plans compared")
   cols = PLAN_COLUMNS[dataset]
   print(f"\n{dataset}, plans: | plan | N | vote accuracy | "
         + " | ".join(f"CA@{m}" for m in cols) + " | largest level |")
-  for label, r in records:
+  for label, r, _ in records:
     print(f"| {label} | {r['num_models']} | {r['vote_accuracy']:.3f} | "
           + " | ".join(f"{ca_at(r, m):.3f}" for m in cols) + f" | {r['max_certified_level']} |")
 
@@ -88,19 +95,27 @@ def paper_table(dataset: str) -> None:
   print(f"| paper (its text) | {paper['settings']} | – | "
         + " | ".join(f"{paper['ca'][m]:.2f}" if m in paper["ca"] else "–" for m in cols)
         + f" | {paper['largest']} | – | – |")
-  for label, r in records:
+  for label, r, folder in records:
     t = r["timings_s"]
+    train = (f"(those of `{SAME_MODELS[folder]}`)" if folder in SAME_MODELS
+             else minutes(t.get("train_all_sessions", t["train"])))
     print(f"| {label} | {settings(r)} | {r['vote_accuracy']:.3f} | "
           + " | ".join(f"{ca_at(r, m):.3f}" for m in cols)
-          + f" | {r['max_certified_level']} | {t['train'] / 60:.1f} min"
-          + f" | {t['predict'] / 60:.1f} min |")
+          + f" | {r['max_certified_level']} | {train} | {minutes(t['predict'])} |")
+    if r.get("baseline_accuracy") is not None:
+      base = t.get("baseline_train_all_sessions", t.get("baseline_train", 0.0))
+      print(f"| {label.split(',')[0]}, single FedAvg on all {r['n']} clients | 1 | "
+            f"{r['config']['global_iters']:,} | {r['config']['lr']:g} | "
+            f"{r['config']['batch_size']} | {r['num_test']:,} | {r['baseline_accuracy']:.3f} | "
+            + " | ".join(f"{r['baseline_accuracy']:.3f}" if m == 0 else "0" for m in cols)
+            + f" | – | {minutes(base)} | {minutes(t.get('baseline_predict', 0.0))} |")
   if records:
     points = [("paper (its text)", [*paper["ca"], paper["largest"] + 1],
                [*paper["ca"].values(), 0.0])]
     plotting.plot_curves(
         HERE / f"paper-{dataset}.png",
         [(label, r["certified_accuracy"]["m"], r["certified_accuracy"]["ensemble"])
-         for label, r in records],
+         for label, r, _ in records],
         points=points, title=f"{dataset.upper()}: the paper's stated values and our runs")
 
 
