@@ -594,6 +594,11 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
     fingerprint_extra = {**(fingerprint_extra or {}),
                          "attack": array_digest(*jax.tree_util.tree_leaves(attack))}
   mesh = _mesh(mesh)
+  if plan.num_models < mesh.devices.size and jax.process_count() == 1:
+    # Fewer models than devices (a single FedAvg baseline): the spare devices
+    # would train padding copies on the same cores. One model on a 1-device
+    # mesh measured 1.65x faster than on 2 CPU devices of 2 cores.
+    mesh = Mesh(np.asarray(mesh.devices.flat[:plan.num_models]), (MODEL_AXIS,))
   try:  # trace one model on one example: a shape mismatch names clients.x
     params = jax.eval_shape(init_fn, jax.ShapeDtypeStruct((2,), jnp.uint32))
     logits = jax.eval_shape(apply_fn, params,

@@ -416,9 +416,17 @@ TWO_DEVICE_SCRIPT = textwrap.dedent("""
     plan = t.ensemble.make_plan("monte_carlo", n=6, k=3, num_models=7, seed=3)
     params = t.ensemble.train_ensemble(t.init_fn, t.apply_fn, t.make_clients(), plan, t.CONFIG,
                                        chunk_size=3)
+    # One model on two devices trains on one of them (no padding copy).
+    single = t.ensemble.make_plan("partition", n=6, num_models=1, seed=0)
+    ckpt = sys.argv[1] + ".ckpt"
+    one = t.ensemble.train_ensemble(t.init_fn, t.apply_fn, t.make_clients(), single, t.CONFIG,
+                                    checkpoint_dir=ckpt)
+    import json, os
+    assert json.load(open(os.path.join(ckpt, "manifest.json")))["devices"] == [1, "cpu"]
     x = np.random.default_rng(5).normal(size=(10, t.NUM_FEATURES)).astype(np.float32)
     labels = t.ensemble.predict(t.apply_fn, params, x, chunk_size=3, batch_size=4)
     flat = {{str(i): leaf for i, leaf in enumerate(jax.tree_util.tree_leaves(params))}}
+    flat.update({{f"single_{{i}}": leaf for i, leaf in enumerate(jax.tree_util.tree_leaves(one))}})
     np.savez(sys.argv[1], labels=labels, **flat)
 """)
 
@@ -436,3 +444,8 @@ def test_two_devices_give_the_same_models(tmp_path, mc_params):
     np.testing.assert_allclose(two[str(i)], leaf, rtol=1e-5, atol=1e-6)
   x = np.random.default_rng(5).normal(size=(10, NUM_FEATURES)).astype(np.float32)
   np.testing.assert_array_equal(two["labels"], ensemble.predict(apply_fn, mc_params, x))
+  # The single model ran the one-device program: bit for bit this process's.
+  single = ensemble.make_plan("partition", n=6, num_models=1, seed=0)
+  one = ensemble.train_ensemble(init_fn, apply_fn, make_clients(), single, CONFIG)
+  for i, leaf in enumerate(leaves(one)):
+    np.testing.assert_array_equal(two[f"single_{i}"], leaf)
