@@ -12,8 +12,8 @@ layouts, other patch and pooling schemes, ``nn.Conv``) live in
 ``benchmarks/conv_variants.py``, with their timings in ``benchmarks/README.md``.
 
 Where a model is *not* vmapped -- prediction on CPU, which runs the models one
-after another -- XLA's own convolution is the faster program (3.2x for the
-forward pass at batch 1,024 on the 2-core CPU, ``benchmarks/predict_bench.py``),
+after another -- XLA's own convolution is the faster program (1.7x for ensemble
+prediction on the idle 2-core CPU, ``benchmarks/predict_bench.py``),
 so :class:`PatchConv` also has ``impl="xla"``: the same function of the same
 parameters, computed by ``lax.conv_general_dilated``.
 
