@@ -61,6 +61,9 @@ def load(folders):
 
 
 def minutes(seconds: float) -> str:
+  """A wall time in the unit that keeps it readable: s, min, or h."""
+  if seconds < 60:
+    return f"{seconds:.1f} s"
   return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.2f} h"
 
 

@@ -1,0 +1,55 @@
+"""How well each model of a HAR exact-mode run labels its own users' test windows, and the others'.
+
+Usage: python experiments/reference/har_own_users.py RUN_DIR [RUN_DIR ...]
+
+RUN_DIR is an output folder of ``experiments/har.py`` in exact mode (its
+``predictions.npz`` holds every model's labels; it is not kept in git). Writes
+``own_users.json`` beside it and prints one line per run. A model of the
+k = 2 plan trains on 2 of the 30 volunteers; its accuracy on those two
+volunteers' held-out windows against the other 28's says how far longer
+training specialises the models (README, HAR against the paper).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ensemble_fl import ensemble
+from ensemble_fl.data import har
+
+
+def own_user_accuracy(model_labels, subsets, y_test, test_client) -> dict:
+  """Mean accuracy of the models over all, own-user and other-user test inputs.
+
+  Args:
+    model_labels: int ``[N, d]``, every model's label for every test input.
+    subsets: int ``[N, k]``, the clients each model trained on.
+    y_test: int ``[d]``; test_client: int ``[d]``, the client each input came from.
+  """
+  correct = np.asarray(model_labels) == np.asarray(y_test)[None, :]
+  own = (np.asarray(subsets)[:, :, None] == np.asarray(test_client)[None, None, :]).any(axis=1)
+  return {"all": float(correct.mean()), "own_users": float(correct[own].mean()),
+          "other_users": float(correct[~own].mean())}
+
+
+def main(run_dirs):
+  for run_dir in map(Path, run_dirs):
+    results = json.loads((run_dir / "results.json").read_text())
+    if results["dataset"] != "har" or results["mode"] != "exact":
+      raise SystemExit(f"{run_dir}: not a HAR exact-mode run")
+    config = results["config"]
+    data = har.har_federated(results["data_origin"]["source"], data_dir=config["data_dir"],
+                             seed=config["seed"])
+    plan = ensemble.make_plan("exact", n=results["n"], k=results["k"])
+    labels = np.load(run_dir / "predictions.npz")["model_labels"]
+    d = labels.shape[1]
+    acc = own_user_accuracy(labels, plan.subsets, data.y_test[:d], data.test_client[:d])
+    (run_dir / "own_users.json").write_text(json.dumps(acc, indent=1) + "\n")
+    print(f"{run_dir}: mean model accuracy {acc['all']:.3f}; on its own {results['k']} users' "
+          f"test windows {acc['own_users']:.3f}, on the other users' {acc['other_users']:.3f}")
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
