@@ -57,7 +57,7 @@ import scipy
 
 from ensemble_fl import certify
 from ensemble_fl import plotting
-from ensemble_fl.config import DATASETS, ExperimentConfig
+from ensemble_fl.config import DATASETS, ExperimentConfig, ignored_fields
 from ensemble_fl.ensemble import SubsamplePlan
 
 # Above this many entries the [N, d] vote tensor is left out of predictions.npz.
@@ -251,6 +251,8 @@ def result_to_dict(result: ExperimentResult,
   return {
       "dataset": cfg.dataset,
       "config": dataclasses.asdict(cfg),
+      # The config's fields this run did not use (e.g. alpha in exact mode), with why.
+      "config_unused": ignored_fields(cfg),
       "mode": result.mode,
       "replicas": result.replicas,
       "plan_seed": "secret" if result.plan_seed is None else result.plan_seed,

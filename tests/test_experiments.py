@@ -178,6 +178,7 @@ def test_mnist_cli_outputs_are_consistent(cli_runs):
   assert res["mode"] == "monte_carlo" and res["num_models"] == 12 and res["alpha"] == 0.5
   assert res["n"] == 20 and res["k"] == 2 and res["num_test"] == 60
   assert res["config"]["q"] == 0.5 and res["config"]["global_iters"] == 1
+  assert list(res["config_unused"]) == ["har_data"]  # Monte Carlo on MNIST: all but HAR's
   assert set(np.unique(arrays["y_true"])) <= set(range(10))
   # The summary table is on stdout; the progress bar on stderr.
   assert "ensemble" in proc.stdout
@@ -193,6 +194,7 @@ def test_har_cli_exact_mode(cli_runs):
   res, arrays = check_run_folder(out, baseline=True)
   # auto: C(30, 1) = 30 <= N = 30, so exact mode with one model per client.
   assert res["mode"] == "exact" and res["num_models"] == 30 and res["alpha"] is None
+  assert sorted(res["config_unused"]) == ["alpha", "n_clients", "q"]  # HAR: n from its users
   assert res["n"] == 30 and res["num_classes"] == 6
   # Exact mode, k = 1: m clients flip at most m models, each moving the margin
   # against rival c by 2, and a tie goes to the smaller label, so
