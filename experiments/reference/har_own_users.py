@@ -4,7 +4,8 @@ Usage: python experiments/reference/har_own_users.py RUN_DIR [RUN_DIR ...]
 
 RUN_DIR is an output folder of ``experiments/har.py`` in exact mode (its
 ``predictions.npz`` holds every model's labels; it is not kept in git). Writes
-``own_users.json`` beside it and prints one line per run. A model of the
+``own_users.json`` beside it (with the vote's mean top-label share) and
+prints one line per run. A model of the
 k = 2 plan trains on 2 of the 30 volunteers; its accuracy on those two
 volunteers' held-out windows against the other 28's says how far longer
 training specialises the models (README, HAR against the paper).
@@ -43,12 +44,16 @@ def main(run_dirs):
     data = har.har_federated(results["data_origin"]["source"], data_dir=config["data_dir"],
                              seed=config["seed"])
     plan = ensemble.make_plan("exact", n=results["n"], k=results["k"])
-    labels = np.load(run_dir / "predictions.npz")["model_labels"]
+    with np.load(run_dir / "predictions.npz") as saved:
+      labels, top_count = saved["model_labels"], saved["top_count"]
     d = labels.shape[1]
     acc = own_user_accuracy(labels, plan.subsets, data.y_test[:d], data.test_client[:d])
+    # How unanimous the vote is: the top label's share of the N votes, averaged over inputs.
+    acc["top_share"] = float(np.mean(top_count) / labels.shape[0])
     (run_dir / "own_users.json").write_text(json.dumps(acc, indent=1) + "\n")
     print(f"{run_dir}: mean model accuracy {acc['all']:.3f}; on its own {results['k']} users' "
-          f"test windows {acc['own_users']:.3f}, on the other users' {acc['other_users']:.3f}")
+          f"test windows {acc['own_users']:.3f}, on the other users' {acc['other_users']:.3f}; "
+          f"mean share of the top label {acc['top_share']:.3f}")
 
 
 if __name__ == "__main__":
