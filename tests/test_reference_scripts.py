@@ -38,3 +38,8 @@ def test_own_user_accuracy_matches_a_loop(num_models, k, n, d, seed):
                                           (5399, "90.0 min"), (8077, "2.24 h")])
 def test_compare_prints_wall_times_in_a_readable_unit(seconds, want):
   assert _load("compare").minutes(seconds) == want
+
+
+def test_own_users_names_a_folder_that_is_not_a_run(tmp_path):
+  with pytest.raises(SystemExit, match="no results.json or predictions.npz"):
+    _load("har_own_users").main([str(tmp_path)])

@@ -4,11 +4,11 @@ Usage: python experiments/reference/har_own_users.py RUN_DIR [RUN_DIR ...]
 
 RUN_DIR is an output folder of ``experiments/har.py`` in exact mode (its
 ``predictions.npz`` holds every model's labels; it is not kept in git). Writes
-``own_users.json`` beside it (with the vote's mean top-label share) and
-prints one line per run. A model of the
-k = 2 plan trains on 2 of the 30 volunteers; its accuracy on those two
-volunteers' held-out windows against the other 28's says how far longer
-training specialises the models (README, HAR against the paper).
+``own_users.json`` beside it (with the vote's mean top-label share) and prints
+one line per run. A model of the k = 2 plan trains on 2 of the 30 volunteers;
+its accuracy on those two volunteers' held-out windows against the other 28's
+says how far longer training specialises the models (README, HAR against the
+paper).
 """
 
 import json
@@ -36,7 +36,13 @@ def own_user_accuracy(model_labels, subsets, y_test, test_client) -> dict:
 
 
 def main(run_dirs):
+  if not run_dirs:
+    raise SystemExit(__doc__)
   for run_dir in map(Path, run_dirs):
+    missing = [f for f in ("results.json", "predictions.npz") if not (run_dir / f).is_file()]
+    if missing:
+      raise SystemExit(f"{run_dir}: no {' or '.join(missing)}; give an output folder of "
+                       "experiments/har.py")
     results = json.loads((run_dir / "results.json").read_text())
     if results["dataset"] != "har" or results["mode"] != "exact":
       raise SystemExit(f"{run_dir}: not a HAR exact-mode run")
@@ -45,6 +51,8 @@ def main(run_dirs):
                              seed=config["seed"])
     plan = ensemble.make_plan("exact", n=results["n"], k=results["k"])
     with np.load(run_dir / "predictions.npz") as saved:
+      if "model_labels" not in saved.files:  # left out of very large runs
+        raise SystemExit(f"{run_dir}/predictions.npz holds no per-model labels")
       labels, top_count = saved["model_labels"], saved["top_count"]
     d = labels.shape[1]
     acc = own_user_accuracy(labels, plan.subsets, data.y_test[:d], data.test_client[:d])
