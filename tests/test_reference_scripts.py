@@ -1,6 +1,7 @@
 """The analysis scripts of experiments/reference against plain loops."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -43,3 +44,43 @@ def test_compare_prints_wall_times_in_a_readable_unit(seconds, want):
 def test_own_users_names_a_folder_that_is_not_a_run(tmp_path):
   with pytest.raises(SystemExit, match="no results.json or predictions.npz"):
     _load("har_own_users").main([str(tmp_path)])
+
+
+def _record(num_models, m, ca):
+  return {"num_models": num_models, "n": 1000, "num_test": 10000, "vote_accuracy": ca[0],
+          "max_certified_level": m[-1] - 1, "baseline_accuracy": None,
+          "config": {"global_iters": 60, "lr": 0.1, "batch_size": 8},
+          "timings_s": {"train": 100.0, "predict": 5.0},
+          "certified_accuracy": {"m": m, "ensemble": ca}}
+
+
+@pytest.mark.parametrize("key", ["mnist", "mnist-q0.9", "har"])
+def test_compare_paper_table_rows_come_from_results_json(tmp_path, capsys, monkeypatch, key):
+  compare = _load("compare")
+  monkeypatch.setattr(compare, "HERE", tmp_path)
+  folder, label = compare.VS_PAPER[key][0]
+  m = list(range(0, 12))
+  ca = [round(0.9 - 0.01 * i, 2) for i in m[:-1]] + [0.0]
+  (tmp_path / folder).mkdir()
+  (tmp_path / folder / "results.json").write_text(json.dumps(_record(500, m, ca)))
+  compare.paper_table(key)
+  lines = capsys.readouterr().out.splitlines()
+  paper = PAPER_ROWS[key]
+  assert [line for line in lines if line.startswith("| paper (its text) |")] == [paper]
+  row, = [line for line in lines if line.startswith(f"| {label} |")]
+  cells = [c.strip() for c in row.strip("|").split("|")]
+  columns = compare.PAPER_COLUMNS[key]
+  want = [f"{ca[c]:.3f}" if c < len(m) else "0.000" for c in columns]
+  assert cells[7:7 + len(columns)] == want          # after label, N, rounds, η, B, d, vote
+  assert (tmp_path / f"paper-{key}.png").stat().st_size > 0
+
+
+# The paper's row of each table, written out by hand from the paper's text.
+PAPER_ROWS = {
+    "mnist": "| paper (its text) | 500 | 3,000 | 0.001 | 32 | 10,000 | – | – | – | 0.88 | – | – "
+             "| – | – | 60 | – | – |",
+    "mnist-q0.9": "| paper (its text) | 500 | 3,000 | 0.001 | 32 | 10,000 | – | – | 0.83 | – | – "
+                  "| – | – | – | – | – | – |",
+    "har": "| paper (its text) | 435 | 5,000 | 0.001 | 32 | 2,576 (UCI HAR) | – | – | – | – | – "
+           "| – | – | 8 | – | – |",
+}
