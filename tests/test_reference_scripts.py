@@ -84,3 +84,23 @@ PAPER_ROWS = {
     "har": "| paper (its text) | 435 | 5,000 | 0.001 | 32 | 2,576 (UCI HAR) | – | – | – | – | – "
            "| – | – | 8 | – | – |",
 }
+
+
+@pytest.mark.parametrize("num_models,d,seed", [(5, 30, 0), (1, 10, 1), (8, 4, 2)])
+def test_vote_shares_match_a_loop(num_models, d, seed):
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, 3, size=(num_models, d))
+  labels[:, 0] = 2                                   # one unanimous input
+  y_true = rng.integers(0, 3, size=d)
+  top_count = np.array([max(list(labels[:, t]).count(c) for c in range(3)) for t in range(d)])
+  got = _load("vote_shares").vote_shares(labels, top_count, y_true)
+  correct = [labels[i, t] == y_true[t] for i in range(num_models) for t in range(d)]
+  assert got["model_accuracy"] == pytest.approx(sum(correct) / len(correct))
+  assert got["top_share"] == pytest.approx(sum(top_count) / (num_models * d))
+  unanimous = [len(set(labels[:, t])) == 1 for t in range(d)]
+  assert got["unanimous"] == pytest.approx(sum(unanimous) / d)
+
+
+def test_vote_shares_names_a_folder_that_is_not_a_run(tmp_path):
+  with pytest.raises(SystemExit, match="no predictions.npz"):
+    _load("vote_shares").main([str(tmp_path)])
