@@ -4,8 +4,8 @@ Usage: python experiments/reference/har_own_users.py RUN_DIR [RUN_DIR ...]
 
 RUN_DIR is an output folder of ``experiments/har.py`` in exact mode (its
 ``predictions.npz`` holds every model's labels; it is not kept in git). Writes
-``own_users.json`` beside it (with the vote's mean top-label share) and prints
-one line per run. A model of the k = 2 plan trains on 2 of the 30 volunteers;
+``own_users.json`` beside it and prints one line per run (how unanimous the vote
+is: ``vote_shares.py``). A model of the k = 2 plan trains on 2 of the 30 volunteers;
 its accuracy on those two volunteers' held-out windows against the other 28's
 says how far longer training specialises the models (README, HAR against the
 paper).
@@ -53,15 +53,12 @@ def main(run_dirs):
     with np.load(run_dir / "predictions.npz") as saved:
       if "model_labels" not in saved.files:  # left out of very large runs
         raise SystemExit(f"{run_dir}/predictions.npz holds no per-model labels")
-      labels, top_count = saved["model_labels"], saved["top_count"]
+      labels = saved["model_labels"]
     d = labels.shape[1]
     acc = own_user_accuracy(labels, plan.subsets, data.y_test[:d], data.test_client[:d])
-    # How unanimous the vote is: the top label's share of the N votes, averaged over inputs.
-    acc["top_share"] = float(np.mean(top_count) / labels.shape[0])
     (run_dir / "own_users.json").write_text(json.dumps(acc, indent=1) + "\n")
     print(f"{run_dir}: mean model accuracy {acc['all']:.3f}; on its own {results['k']} users' "
-          f"test windows {acc['own_users']:.3f}, on the other users' {acc['other_users']:.3f}; "
-          f"mean share of the top label {acc['top_share']:.3f}")
+          f"test windows {acc['own_users']:.3f}, on the other users' {acc['other_users']:.3f}")
 
 
 if __name__ == "__main__":
