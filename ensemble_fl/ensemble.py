@@ -94,6 +94,10 @@ class SubsamplePlan:
     k: subsample size (None in partition mode).
     replicas: partition mode: the number of independent partitions (rows
       ``[r*N/s, (r+1)*N/s)`` are replica r); 1 otherwise.
+    root_key: uint32 ``[2]``, the raw key every model's key is folded from
+      (``keys == subset_keys(root_key, subsets)``): what retraining a model
+      on a new subset needs (``ensemble_fl.deploy.remove_clients``). As
+      secret as the seed it comes from; None for a plan built by hand.
   """
 
   mode: str
@@ -102,10 +106,25 @@ class SubsamplePlan:
   n: int
   k: int | None
   replicas: int = 1
+  root_key: np.ndarray | None = None
 
   @property
   def num_models(self) -> int:
     return int(self.subsets.shape[0])
+
+
+def subset_keys(root_key, subsets) -> np.ndarray:
+  """uint32 ``[N, 2]``: every model's raw key, folded from ``root_key`` over its subset.
+
+  Args:
+    root_key: uint32 ``[2]`` (``SubsamplePlan.root_key``).
+    subsets: int ``[N, s]``, each row's real ids sorted ascending, ``-1`` pads.
+  """
+  subsets = np.asarray(subsets, np.int32)
+  if subsets.shape[0] == 0:
+    return np.zeros((0, 2), np.uint32)
+  return np.asarray(_subset_keys(jnp.asarray(root_key, jnp.uint32), jnp.asarray(subsets)),
+                    np.uint32)
 
 
 @jax.jit
@@ -234,9 +253,9 @@ def make_plan(mode: str, *, n: int, k: int | None = None, num_models: int | None
       subsets = np.sort(np.asarray(_monte_carlo_draws(root, n, k, num)), axis=1)
     else:
       subsets = _replicated_partition(n, num, replicas, seed)
-  keys = np.asarray(_subset_keys(root, jnp.asarray(subsets, jnp.int32)))
-  return SubsamplePlan(mode, subsets.astype(np.int32), keys.astype(np.uint32), n,
-                       None if mode == "partition" else k, replicas)
+  keys = subset_keys(root, subsets)
+  return SubsamplePlan(mode, subsets.astype(np.int32), keys, n,
+                       None if mode == "partition" else k, replicas, np.asarray(root, np.uint32))
 
 
 def _replicated_partition(n: int, num_models: int, replicas: int, seed: int) -> np.ndarray:
