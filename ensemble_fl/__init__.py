@@ -46,9 +46,16 @@ _EXPORTS = {
     "load_mnist": "ensemble_fl.data.mnist",
     "split_mnist_clients": "ensemble_fl.data.mnist",
     "har_federated": "ensemble_fl.data.har",
+    "Ensemble": "ensemble_fl.deploy",
+    "ModelSpec": "ensemble_fl.deploy",
+    "make_ensemble": "ensemble_fl.deploy",
+    "save_ensemble": "ensemble_fl.deploy",
+    "load_ensemble": "ensemble_fl.deploy",
+    "remove_clients": "ensemble_fl.deploy",
 }
 # Submodules reachable as attributes without an explicit import.
-_SUBMODULES = ("certify", "fedavg", "ensemble", "models", "data", "attacks", "aggregators")
+_SUBMODULES = ("certify", "fedavg", "ensemble", "models", "data", "attacks", "aggregators",
+               "deploy")
 
 __all__ = sorted(_EXPORTS) + ["certify", "fedavg"]
 

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ensemble_fl import certify
+from ensemble_fl import deploy
 from ensemble_fl import distributed
 from ensemble_fl import ensemble
 from ensemble_fl import models
@@ -139,12 +140,14 @@ class Model(NamedTuple):
     description: the module with its settings (goes into checkpoint fingerprints).
     predict_fn: the same function of the same params, in the implementation
       that labels test inputs fastest on this platform (the deployed model).
+    spec: the network's identity, as a saved ensemble records it.
   """
 
   init_fn: Callable[[Any], Any]
   apply_fn: Callable[[Any, Any], Any]
   description: str
   predict_fn: Callable[[Any, Any], Any]
+  spec: deploy.ModelSpec
 
 
 def make_model(dataset: str, num_classes: int, feature_shape: Sequence[int]) -> Model:
@@ -161,13 +164,12 @@ def make_model(dataset: str, num_classes: int, feature_shape: Sequence[int]) -> 
 def _make_model(dataset: str, num_classes: int, feature_shape: tuple[int, ...]) -> Model:
   if dataset == "mnist":
     module = models.MnistCNN(num_classes=num_classes)
-    # Models predicting one after another (CPU) are not vmapped, where XLA's
-    # own convolution beats the trainer's patches + matmul.
-    predictor = module.clone(conv_impl="xla") if ensemble.models_in_sequence() else module
   else:
-    module = predictor = models.HarMLP(num_classes=num_classes)
+    module = models.HarMLP(num_classes=num_classes)
   dummy = jnp.zeros((1, *feature_shape), jnp.float32)
-  return Model(lambda key: module.init(key, dummy), module.apply, repr(module), predictor.apply)
+  return Model(lambda key: module.init(key, dummy), module.apply, repr(module),
+               deploy.predictor_module(module).apply,
+               deploy.ModelSpec.of(module, feature_shape, num_classes))
 
 
 # ---------------------------------------------------------------------------
@@ -315,6 +317,7 @@ def run(
     checkpoint_dir: str | os.PathLike | None = None,
     progress_factory: ProgressFactory | None = None,
     log: Callable[[str], None] = _stderr_log,
+    keep_ensemble: bool = False,
 ) -> ExperimentResult:
   """Runs one experiment end to end (no output files written).
 
@@ -329,6 +332,10 @@ def run(
     progress_factory: ``factory(description) -> progress(done, total)``, one
       callback per training loop (ensemble, baseline); None: no progress.
     log: receives one line per phase.
+    keep_ensemble: keep the trained models in the result
+      (``ExperimentResult.ensemble``, a :class:`ensemble_fl.deploy.Ensemble`
+      to save or certify new inputs with); by default they are dropped once
+      the test set is labelled.
 
   Raises:
     FileNotFoundError / ValueError: missing or malformed data.
@@ -367,6 +374,13 @@ def run(
         "parameters (diverged: a smaller learning rate may help); they still vote")
   with progress_lib.timed(timings, "predict", log):
     predictions = predict_labels(cfg, model, params, data.x_test, log)
+  trained = None
+  if keep_ensemble:
+    trained = deploy.make_ensemble(
+        params, plan, model.spec, fedavg_config(cfg), plan_seed=public_plan_seed(cfg),
+        clients=data.clients,
+        metadata={"experiment_config": dataclasses.asdict(cfg), "data": data.source,
+                  "data_origin": dict(data.origin)})
   del params
   with progress_lib.timed(timings, "certify", log):
     certificate = certify_predictions(cfg, spec, predictions, num_classes=data.num_classes,
@@ -399,7 +413,8 @@ def run(
       y_true=data.y_test, certificate=certificate,
       alpha=cfg.alpha if spec.mode == "monte_carlo" else None, m_values=m_values, ca=ca,
       baseline_labels=baseline_labels, baseline_ca=baseline_ca, timings=timings,
-      nonfinite_models=tuple(nonfinite.tolist()), baseline_nonfinite=baseline_nonfinite)
+      nonfinite_models=tuple(nonfinite.tolist()), baseline_nonfinite=baseline_nonfinite,
+      ensemble=trained)
 
 
 # Modes whose plan of N models is the first N rows of any larger plan (the
@@ -436,7 +451,8 @@ def recertify(result: ExperimentResult, *, alpha: float | None = None,
     plan = dataclasses.replace(plan, subsets=plan.subsets[:num_models],
                                keys=plan.keys[:num_models])
     result = dataclasses.replace(
-        result, nonfinite_models=tuple(i for i in result.nonfinite_models if i < num_models))
+        result, nonfinite_models=tuple(i for i in result.nonfinite_models if i < num_models),
+        ensemble=None)
   timings = {k: v for k, v in result.timings.items() if k != "certify"}
   spec = resolve_ensemble(cfg)
   with progress_lib.timed(timings, "certify"):

@@ -56,6 +56,7 @@ import optax
 import scipy
 
 from ensemble_fl import certify
+from ensemble_fl import deploy
 from ensemble_fl import plotting
 from ensemble_fl.config import DATASETS, ExperimentConfig, ignored_fields
 from ensemble_fl.ensemble import SubsamplePlan
@@ -93,6 +94,8 @@ class ExperimentResult:
       ``ensemble.predict``).
     baseline_nonfinite: the single FedAvg baseline ended training with a NaN
       or inf parameter.
+    ensemble: the trained models (:class:`ensemble_fl.deploy.Ensemble`), when
+      the run kept them; :func:`write_outputs` saves them in ``ensemble/``.
   """
 
   config: ExperimentConfig
@@ -116,6 +119,7 @@ class ExperimentResult:
   nonfinite_models: tuple[int, ...] = ()
   baseline_nonfinite: bool = False
   data_origin: dict[str, str] = dataclasses.field(default_factory=dict)
+  ensemble: Any = None
 
   @property
   def nonfinite(self) -> bool:
@@ -378,10 +382,15 @@ def publish(out_dir: str | os.PathLike,
   return [out / p.relative_to(staging) for p in written]
 
 
+ENSEMBLE_SUBDIR = "ensemble"
+
+
 def write_outputs(out_dir: str | os.PathLike, result: ExperimentResult,
                   *, environment: dict[str, Any] | None = None) -> list[Path]:
   """Writes the four output files of a run into ``out_dir`` (created), each
-  renamed into place when complete (:func:`publish`)."""
+  renamed into place when complete (:func:`publish`), then the trained
+  ensemble, when the result kept it, into ``out_dir/ensemble/``
+  (:func:`ensemble_fl.deploy.save_ensemble`, itself renamed into place whole)."""
   def write(out: Path) -> list[Path]:
     paths = [out / "results.json", out / "predictions.npz", out / "certified_accuracy.csv"]
     write_json(paths[0], result_to_dict(result, environment))
@@ -389,7 +398,11 @@ def write_outputs(out_dir: str | os.PathLike, result: ExperimentResult,
     write_csv(paths[2], result)
     png = plot_result(out / "certified_accuracy.png", result)
     return paths + ([png] if png is not None else [])
-  return publish(out_dir, write)
+  written = publish(out_dir, write)
+  if result.ensemble is not None:
+    written.append(deploy.save_ensemble(Path(out_dir) / ENSEMBLE_SUBDIR, result.ensemble,
+                                        overwrite=True))
+  return written
 
 
 def table_rows(max_m: int) -> list[int]:
