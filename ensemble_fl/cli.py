@@ -53,8 +53,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
+import numpy as np
 
 from ensemble_fl import attack_eval
+from ensemble_fl import certify as certify_lib
+from ensemble_fl import deploy
 from ensemble_fl import distributed
 from ensemble_fl import experiment
 from ensemble_fl import progress as progress_lib
@@ -672,10 +675,18 @@ def _load_experiment(cfg: ExperimentConfig, args, timings):
     return cfg, experiment.load_data(cfg)
 
 
+def _add_experiment_flags(parser: argparse.ArgumentParser, dataset: str) -> None:
+  parser.add_argument("--no-ensemble", dest="save_ensemble", action="store_false",
+                      help="do not save the trained models in OUT/ensemble/ (the deployable "
+                           "ensemble: `python -m ensemble_fl certify --ensemble OUT/ensemble` "
+                           "certifies new inputs with it)")
+
+
 def _run_experiment(job, ctx: Context) -> results.ExperimentResult:
   cfg, data = job
   return experiment.run(cfg, data=data, timings=ctx.timings, checkpoint_dir=ctx.checkpoint_dir,
-                        progress_factory=ctx.progress_factory, log=ctx.log)
+                        progress_factory=ctx.progress_factory, log=ctx.log,
+                        keep_ensemble=ctx.args.save_ensemble)
 
 
 def nonfinite_status(note: str, ctx: Context) -> int:
@@ -712,7 +723,7 @@ def experiment_command(dataset: str) -> Command:
       config_class=ExperimentConfig, dataset=dataset, default_dataset=None,
       default_preset="paper", out_name=lambda args, ds: ds, checkpoint=True,
       load=_load_experiment, run=_run_experiment, write=_write_experiment,
-      status=_experiment_status,
+      status=_experiment_status, add_flags=_add_experiment_flags,
       nonfinite_flag=True)
 
 
@@ -852,3 +863,260 @@ ATTACK = Command(
 def attack_main(argv: Sequence[str] | None = None) -> int:
   """``experiments/attack.py``."""
   return main(ATTACK, argv)
+
+
+# ---------------------------------------------------------------------------
+# python -m ensemble_fl certify | remove: the deployed ensemble.
+# ---------------------------------------------------------------------------
+
+
+def _load_array(path: Path, what: str, key: str | None = None):
+  """An array from a ``.npy`` file (or ``key`` of an ``.npz``), never unpickled."""
+  try:
+    with open(path, "rb"):
+      pass
+    loaded = np.load(path, allow_pickle=False)
+  except (OSError, ValueError, EOFError) as e:
+    raise ValueError(f"{what} {path}: cannot read it as a NumPy file ({e})") from None
+  if key is None:
+    if not isinstance(loaded, np.ndarray):
+      raise ValueError(f"{what} {path}: expected one array (.npy), got an .npz archive")
+    return loaded
+  if isinstance(loaded, np.ndarray):
+    raise ValueError(f"{what} {path}: expected a run's predictions.npz, got one array (.npy)")
+  with loaded:
+    if key not in loaded.files:
+      raise ValueError(f"{what} {path} holds no {key!r} (it has {', '.join(loaded.files)})")
+    return {name: loaded[name] for name in loaded.files}
+
+
+def _labels_for(labels, d: int, num_classes: int, name: str) -> np.ndarray:
+  labels = np.asarray(labels)
+  if labels.shape != (d,) or not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"{name} must be integer labels [{d}] (one per input), got "
+                     f"{labels.dtype} {labels.shape}")
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise ValueError(f"{name} must lie in [0, {num_classes})")
+  return labels.astype(np.int64)
+
+
+def _certify_parser() -> ArgumentParser:
+  p = ArgumentParser(
+      prog="python -m ensemble_fl certify",
+      description="Label and certify inputs with a saved ensemble (OUT/ensemble of any run), "
+                  "or certify a run's saved votes again in another mode, without retraining. "
+                  "Writes certificates.csv (one row per input) and certificates.json.")
+  p.add_argument("--ensemble", type=Path,
+                 help="the saved ensemble folder (default with --predictions: the run's "
+                      "ensemble/ beside it)")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--inputs", type=Path, metavar="FILE.npy",
+                   help="float inputs [d, *feature_shape] (MNIST: [d, 28, 28, 1], pixels / 255)")
+  src.add_argument("--predictions", type=Path, metavar="FILE.npz",
+                   help="a run's predictions.npz: certify its models' votes again")
+  p.add_argument("--labels", type=Path, metavar="FILE.npy",
+                 help="true labels [d]: adds CA@m (default with --predictions: its y_true)")
+  p.add_argument("--mode", choices=("exact", "deterministic", "partition", "monte_carlo"),
+                 help="the certificate (default: exact for a complete exact plan, else "
+                      "deterministic: the deployed vote)")
+  p.add_argument("--alpha", type=float,
+                 help="monte_carlo only: 1 - confidence, for the d inputs at once (default 0.001)")
+  p.add_argument("--batch-size", type=int, help="inputs per compiled call (default: predict's)")
+  p.add_argument("--out", type=Path,
+                 help="output folder, new or empty (default: a new results/certify-<timestamp>/)")
+  p.add_argument("--overwrite", action="store_true", help="let --out hold files")
+  return p
+
+
+def _certificate_summary(cert, y_true, timings: dict[str, float]) -> tuple[dict, str]:
+  """``certificates.json``'s body and the printed table."""
+  levels = np.asarray(cert.levels)
+  top = int(levels.max()) if levels.size else -1
+  rows = results.table_rows(max(top + 1, 0))
+  certified = {int(m): float(np.mean(levels >= m)) for m in rows}
+  body = {"mode": cert.mode, "certifies": cert.guarantee, "num_models": cert.num_models,
+          "num_inputs": cert.num_inputs, "abstained": int(np.sum(np.asarray(cert.labels) < 0)),
+          "max_certified_level": top, "certified_share": certified,
+          "timings_s": {k: float(v) for k, v in timings.items()}}
+  header = "   m  certified"
+  lines = []
+  ca = None
+  if y_true is not None:
+    ca = certify_lib.certified_accuracy(cert, y_true, rows)
+    body["vote_accuracy"] = float(np.mean(np.asarray(cert.top_labels) == y_true))
+    body["certified_accuracy"] = {int(m): float(a) for m, a in zip(rows, ca)}
+    header += "   CA@m"
+  for i, m in enumerate(rows):
+    lines.append(f"{m:4d}  {certified[m]:9.3f}" + ("" if ca is None else f"  {ca[i]:.3f}"))
+  text = (f"{cert.num_inputs} inputs, {cert.num_models} models, {cert.mode} certificate; "
+          f"largest level {top}\n{cert.guarantee}\n{header}\n" + "\n".join(lines))
+  return body, text
+
+
+def _write_certificates(out: Path, cert, y_true, body: dict) -> list[Path]:
+  def write(staging: Path) -> list[Path]:
+    csv_path, json_path = staging / "certificates.csv", staging / "certificates.json"
+    columns = {"input": np.arange(cert.num_inputs), "label": cert.labels,
+               "level": cert.levels, "vote": cert.top_labels, "top_count": cert.top_count,
+               "runner_up_count": cert.runner_up_count}
+    if y_true is not None:
+      columns["y_true"] = y_true
+    with open(csv_path, "w") as f:
+      f.write(",".join(columns) + "\n")
+      for row in zip(*(np.asarray(c).tolist() for c in columns.values())):
+        f.write(",".join(map(str, row)) + "\n")
+    results.write_json(json_path, body)
+    return [csv_path, json_path]
+  return results.publish(out, write)
+
+
+def certify_main(argv: Sequence[str] | None = None) -> int:
+  """``python -m ensemble_fl certify``: exit 0 done, 2 refused (one ``error:`` line)."""
+  parser = _certify_parser()
+  try:
+    args = parser.parse_args(argv)
+  except SystemExit as e:
+    return e.code if isinstance(e.code, int) else EXIT_REFUSED
+  out = created = None
+  timings: dict[str, float] = {}
+  try:
+    try:
+      if args.alpha is not None and args.mode != "monte_carlo":
+        raise ValueError("--alpha applies to --mode monte_carlo only")
+      if args.batch_size is not None and args.inputs is None:
+        raise ValueError("--batch-size applies to --inputs only (--predictions holds the votes)")
+      folder = args.ensemble
+      if folder is None:
+        if args.predictions is None:
+          raise ValueError("--inputs needs --ensemble (the saved ensemble folder)")
+        folder = args.predictions.parent / results.ENSEMBLE_SUBDIR
+        if not folder.is_dir():
+          raise ValueError(f"no ensemble beside {args.predictions} ({folder}): name one with "
+                           "--ensemble")
+      with progress_lib.timed(timings, "load"):
+        ens = deploy.load_ensemble(folder)
+        mode = args.mode or ens.certificate_modes[0]
+        if mode not in ens.certificate_modes:
+          raise ValueError(f"--mode {mode} does not apply to this {ens.plan.mode} ensemble; it "
+                           f"supports {', '.join(ens.certificate_modes)}")
+        y_true = None
+        if args.predictions is not None:
+          saved = _load_array(args.predictions, "--predictions", "model_labels")
+          votes = saved["model_labels"]
+          if votes.ndim != 2 or votes.shape[0] != ens.num_models:
+            raise ValueError(f"--predictions holds votes of shape {votes.shape}, the ensemble "
+                             f"has {ens.num_models} models")
+          d = votes.shape[1]
+          if "y_true" in saved:
+            y_true = saved["y_true"]
+        else:
+          x = deploy.check_inputs(_load_array(args.inputs, "--inputs"), ens.model.feature_shape)
+          d = x.shape[0]
+        if args.labels is not None:
+          y_true = _load_array(args.labels, "--labels")
+        if y_true is not None:
+          y_true = _labels_for(y_true, d, ens.model.num_classes,
+                               "--labels" if args.labels else "y_true")
+      out, created = prepare_out_dir(args.out, "certify", overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError) as e:
+      print(f"error: {_one_line(e, {})}", file=sys.stderr)
+      return EXIT_REFUSED
+    try:
+      if args.inputs is not None:
+        with progress_lib.timed(timings, "predict", _stderr_log):
+          votes = ens.predict(x, batch_size=args.batch_size)
+      with progress_lib.timed(timings, "certify"):
+        cert = ens.certify_votes(votes, mode=mode,
+                                 alpha=0.001 if args.alpha is None else args.alpha)
+    except ValueError as e:
+      print(f"error: {_one_line(e, {})}", file=sys.stderr)
+      return EXIT_REFUSED
+    except KeyboardInterrupt:
+      print("\ninterrupted: nothing written", file=sys.stderr)
+      return EXIT_INTERRUPTED
+    body, text = _certificate_summary(cert, y_true, timings)
+    body.update(ensemble=str(folder), fingerprint=ens.fingerprint,
+                source=str(args.inputs or args.predictions),
+                created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    paths = _write_certificates(out, cert, y_true, body)
+    created = None
+    print(text)
+    print(f"outputs: {', '.join(map(str, paths))}")
+    return 0
+  finally:
+    if created is not None:
+      remove_created(out, created)
+
+
+def _remove_parser() -> ArgumentParser:
+  p = ArgumentParser(
+      prog="python -m ensemble_fl remove",
+      description="Remove clients from a saved ensemble (found malicious, or asking to be "
+                  "forgotten): retrains only the models that hold them, on their subsets "
+                  "without them, keeps every other model bit for bit, and saves the new "
+                  "ensemble, whose plan gives the deployed vote's exact certificate.")
+  p.add_argument("--ensemble", type=Path, required=True, help="the saved ensemble folder")
+  p.add_argument("--clients", type=_list_of(int), required=True, metavar="ID[,ID...]",
+                 help="client ids to remove")
+  p.add_argument("--out", type=Path, required=True,
+                 help="the new ensemble's folder, new or empty")
+  p.add_argument("--overwrite", action="store_true",
+                 help="let --out hold files (it may be --ensemble itself: replaced only once "
+                      "the new ensemble is whole)")
+  p.add_argument("--data-dir", help="data root (default: the one the run used)")
+  p.add_argument("--chunk-size", type=int, help="models trained at once (default: the trainer's)")
+  return p
+
+
+def remove_main(argv: Sequence[str] | None = None) -> int:
+  """``python -m ensemble_fl remove``: exit 0 done, 2 refused (one ``error:`` line)."""
+  parser = _remove_parser()
+  try:
+    args = parser.parse_args(argv)
+  except SystemExit as e:
+    return e.code if isinstance(e.code, int) else EXIT_REFUSED
+  try:
+    ens = deploy.load_ensemble(args.ensemble)
+    recorded = ens.metadata.get("experiment_config")
+    if not isinstance(recorded, dict):
+      raise ValueError(f"{args.ensemble} does not record the run that trained it, so its data "
+                       "cannot be reloaded here: use ensemble_fl.deploy.remove_clients")
+    if args.out.exists() and not args.out.is_dir():
+      raise ValueError(f"--out {args.out} is a file, not a folder")
+    if (args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite):
+      raise ValueError(f"--out {args.out} already holds files: name a new or empty folder, or "
+                       "pass --overwrite")
+    cfg = ExperimentConfig(**{**recorded, **({"data_dir": args.data_dir} if args.data_dir
+                                             else {})})
+    deploy._client_ids(args.clients, ens.n, ens.removed)  # refuse bad ids before loading data
+    data = experiment.load_data(cfg)
+    touched = int(np.isin(ens.plan.subsets, args.clients).any(axis=1).sum())
+    _stderr_log(f"removing clients {','.join(map(str, args.clients))}: retraining {touched} of "
+                f"{ens.num_models} models")
+    new = deploy.remove_clients(ens, args.clients, data.clients, chunk_size=args.chunk_size,
+                                progress=progress_lib.ProgressBar(f"retraining ({touched} models)"))
+    path = new.save(args.out, overwrite=args.overwrite)
+  except (ValueError, TypeError, FileNotFoundError) as e:
+    print(f"error: {_one_line(e, {})}", file=sys.stderr)
+    return EXIT_REFUSED
+  except KeyboardInterrupt:
+    print("\ninterrupted: nothing written", file=sys.stderr)
+    return EXIT_INTERRUPTED
+  print(f"{new.num_models} models ({ens.num_models - new.num_models} dropped, {touched} "
+        f"retrained); removed so far: {','.join(map(str, new.removed))}; certificates: "
+        f"{', '.join(new.certificate_modes)}")
+  print(f"outputs: {path}")
+  return 0
+
+
+SUBCOMMANDS = {"certify": certify_main, "remove": remove_main}
+
+
+def package_main(argv: Sequence[str] | None = None) -> int:
+  """``python -m ensemble_fl {certify,remove} ...``."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if not argv or argv[0] not in SUBCOMMANDS:
+    print("usage: python -m ensemble_fl {certify,remove} ... (--help after either for its flags)",
+          file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+    return 0 if argv and argv[0] in ("-h", "--help") else EXIT_REFUSED
+  return SUBCOMMANDS[argv[0]](argv[1:])
