@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -24,6 +25,7 @@ import pytest
 
 from ensemble_fl import cli
 from ensemble_fl import config
+from ensemble_fl import deploy
 from ensemble_fl import experiment
 from ensemble_fl import progress
 from ensemble_fl import results
@@ -215,6 +217,9 @@ def test_har_rerun_with_checkpoint_resumes_and_refuses_other_settings(cli_runs, 
   assert (out / "checkpoint" / "ensemble" / "manifest.json").is_file()
   before = dict(np.load(out / "predictions.npz"))
   trained = json.loads((out / "results.json").read_text())["timings_s"]["train"]
+  # A run finished before ensembles were saved gets its ensemble from its chunks.
+  saved = deploy.load_ensemble(out / "ensemble")
+  shutil.rmtree(out / "ensemble")
   command = ("har.py", *HAR_TINY, "--checkpoint", "--data-dir", DATA, "--out", out)
   rerun = subprocess.Popen(_command(*command), cwd=REPO, env=_ENV, text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -226,6 +231,10 @@ def test_har_rerun_with_checkpoint_resumes_and_refuses_other_settings(cli_runs, 
   for key, value in before.items():
     np.testing.assert_array_equal(after[key], value)
   assert json.loads((out / "results.json").read_text())["timings_s"]["train"] < 0.5 * trained
+  exported = deploy.load_ensemble(out / "ensemble")
+  for a, b in zip(jax.tree_util.tree_leaves(saved.params),
+                  jax.tree_util.tree_leaves(exported.params)):
+    np.testing.assert_array_equal(a, b)
   # A different setting is refused with a one-line error, not mixed in.
   assert other.returncode == 2 and "Traceback" not in other.stderr
   last = other.stderr.strip().splitlines()[-1]
