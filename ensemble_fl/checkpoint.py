@@ -76,7 +76,8 @@ def _canonical(obj: Any) -> Any:
   return repr(obj)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+  """Flushes a file or a folder (its entries: a rename into it) to disk."""
   try:
     fd = os.open(path, os.O_RDONLY)
   except OSError:  # Some platforms cannot open directories; the rename is still atomic.
@@ -107,7 +108,7 @@ def _atomic_write(path: Path, write) -> None:
   """Replaces ``path`` with whole new contents: readers see old or new, never part."""
   tmp = _write_temp(path, write)
   os.replace(tmp, path)
-  _fsync_dir(path.parent)
+  fsync_path(path.parent)
 
 
 def _exclusive_write(path: Path, write) -> bool:
@@ -134,7 +135,7 @@ def _exclusive_write(path: Path, write) -> bool:
       os.fsync(f.fileno())
   finally:
     tmp.unlink()
-  _fsync_dir(path.parent)
+  fsync_path(path.parent)
   return True
 
 

@@ -57,6 +57,7 @@ from ensemble_fl import certify as certify_lib
 from ensemble_fl import ensemble as ensemble_lib
 from ensemble_fl import fedavg as fedavg_lib
 from ensemble_fl import models as models_lib
+from ensemble_fl.checkpoint import fsync_path
 from ensemble_fl.clients import ClientData, check_features, validate_clients
 
 PyTree = Any
@@ -461,16 +462,6 @@ def _fingerprint(manifest: Mapping[str, Any]) -> str:
   return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def _fsync(path: Path) -> None:
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
-
-
 def _write(path: Path, ens: Ensemble, overwrite: bool) -> Path:
   if path.exists() and not path.is_dir():
     raise ValueError(f"{path} is a file, not a folder")
@@ -507,7 +498,7 @@ def _write(path: Path, ens: Ensemble, overwrite: bool) -> Path:
     manifest["fingerprint"] = _fingerprint(manifest)
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     for name in (PARAMS_FILE, PLAN_FILE, MANIFEST):
-      _fsync(staging / name)
+      fsync_path(staging / name)
     if ens.plan_seed is not None:  # mkdtemp's 0700 stays only for a secret plan
       umask = os.umask(0)
       os.umask(umask)
@@ -519,7 +510,7 @@ def _write(path: Path, ens: Ensemble, overwrite: bool) -> Path:
     elif path.is_dir():
       path.rmdir()
     os.replace(staging, path)
-    _fsync(path.parent)
+    fsync_path(path.parent)
     if old is not None:
       shutil.rmtree(old, ignore_errors=True)
   finally:
