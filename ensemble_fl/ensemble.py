@@ -553,7 +553,8 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
                    progress: Callable[[int, int], None] | None = None,
                    checkpoint_dir: str | os.PathLike | None = None,
                    fingerprint_extra: dict[str, Any] | None = None,
-                   attack: Any = None, mesh: Mesh | None = None) -> PyTree:
+                   attack: Any = None, mesh: Mesh | None = None,
+                   nonfinite: str = "warn") -> PyTree:
   """Trains one FedAvg global model per plan row.
 
   Args:
@@ -588,6 +589,11 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
       big_vision's trainers take a mesh). None (default): every device,
       ``Mesh(jax.devices(), ("models",))``. Bit-identity of a resumed run
       holds on the same mesh size (it is part of the checkpoint fingerprint).
+    nonfinite: models that end training with a NaN or inf parameter (a step
+      size too large: they diverged, yet would still vote and be certified):
+      ``"warn"`` (default, a ``RuntimeWarning`` naming them), ``"raise"``
+      (ValueError) or ``"ignore"`` (the caller checks
+      :func:`nonfinite_models` itself), as :func:`predict`'s.
 
   Returns:
     Host numpy params pytree; every leaf has a leading model axis ``N``.
@@ -604,6 +610,7 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
   """
   if not isinstance(config, fedavg_lib.FedAvgConfig):
     raise ValueError(f"config must be a FedAvgConfig, got {type(config).__name__}")
+  _check_nonfinite_policy(nonfinite)
   for name, fn in (("init_fn", init_fn), ("apply_fn", apply_fn)):
     if not callable(fn):
       raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
@@ -702,7 +709,10 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
     if progress is not None:
       progress(done, total)
     pending = nxt
-  return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=0), *results)
+  trained = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=0), *results)
+  _report_nonfinite(nonfinite_models(trained), total, "ended training with NaN or inf "
+                    "parameters", "they diverged (a smaller learning rate may help)", nonfinite)
+  return trained
 
 
 # --------------------------------------------------------------------------
@@ -710,6 +720,23 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
 
 
 NONFINITE_POLICIES = ("warn", "raise", "ignore")
+
+
+def _check_nonfinite_policy(nonfinite: Any) -> None:
+  if nonfinite not in NONFINITE_POLICIES:
+    raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+
+
+def _report_nonfinite(bad: np.ndarray, total: int, what: str, then: str, policy: str) -> None:
+  """Warns about (or raises on) the models ``bad`` of ``total``, per ``policy``
+  (one of :data:`NONFINITE_POLICIES`); the warning points at the caller's caller."""
+  if not bad.size or policy == "ignore":
+    return
+  shown = ", ".join(map(str, bad[:10].tolist())) + (", ..." if bad.size > 10 else "")
+  msg = f"{bad.size} of {total} models {what} (models {shown}); {then}"
+  if policy == "raise":
+    raise ValueError(msg)
+  warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def _predict_chunk_impl(apply_fn, mesh, sequential, params, xb):
@@ -761,8 +788,7 @@ def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray,
       work), unknown ``nonfinite``, or ``nonfinite="raise"`` and a model's
       logits are not finite.
   """
-  if nonfinite not in NONFINITE_POLICIES:
-    raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+  _check_nonfinite_policy(nonfinite)
   leaves = jax.tree_util.tree_leaves(stacked_params)
   if not leaves:
     raise ValueError("stacked_params is empty")
@@ -819,14 +845,8 @@ def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray,
     ok = np.concatenate([to_host(f) for _, f in results], axis=1)
     out[start:stop] = labels[: stop - start, :d]
     finite[start:stop] = ok[: stop - start, :d].all(axis=1)
-  bad = np.flatnonzero(~finite)
-  if bad.size and nonfinite != "ignore":
-    shown = ", ".join(map(str, bad[:10].tolist())) + (", ..." if bad.size > 10 else "")
-    msg = (f"{bad.size} of {total} models give NaN or inf logits on some inputs "
-           f"(models {shown}); they vote argmax of those logits")
-    if nonfinite == "raise":
-      raise ValueError(msg)
-    warnings.warn(msg, RuntimeWarning, stacklevel=2)
+  _report_nonfinite(np.flatnonzero(~finite), total, "give NaN or inf logits on some inputs",
+                    "they vote argmax of those logits", nonfinite)
   return out
 
 

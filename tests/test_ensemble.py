@@ -449,3 +449,27 @@ def test_two_devices_give_the_same_models(tmp_path, mc_params):
   one = ensemble.train_ensemble(init_fn, apply_fn, make_clients(), single, CONFIG)
   for i, leaf in enumerate(leaves(one)):
     np.testing.assert_array_equal(two[f"single_{i}"], leaf)
+
+
+@pytest.mark.parametrize("lr,diverges", [(CONFIG.lr, False), (1e30, True)])
+@pytest.mark.parametrize("policy", ["warn", "raise", "ignore"])
+def test_train_ensemble_reports_models_that_diverge(clients, mc_plan, lr, diverges, policy):
+  config = FedAvgConfig(**{**CONFIG.__dict__, "lr": lr})
+  train = lambda **kw: ensemble.train_ensemble(init_fn, apply_fn, clients, mc_plan, config,
+                                               chunk_size=7, **kw)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    if diverges and policy == "raise":
+      with pytest.raises(ValueError, match="of 7 models ended training with NaN or inf"):
+        train(nonfinite=policy)
+      return
+    params = train(**({} if policy == "warn" else {"nonfinite": policy}))  # warn: the default
+  bad = ensemble.nonfinite_models(params)
+  assert (bad.size > 0) == diverges
+  said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+  want = ([f"{bad.size} of 7 models ended training with NaN or inf parameters (models "
+           f"{', '.join(map(str, bad.tolist()))}); they diverged (a smaller learning rate may "
+           "help)"] if diverges and policy == "warn" else [])
+  assert said == want
+  with pytest.raises(ValueError, match="nonfinite must be one of"):
+    train(nonfinite="loud")
