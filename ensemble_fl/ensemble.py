@@ -53,6 +53,7 @@ from flax import errors as flax_errors
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ensemble_fl import fedavg as fedavg_lib
+from ensemble_fl._arrays import as_scalar
 from ensemble_fl.checkpoint import ChunkStore, array_digest
 from ensemble_fl.clients import ClientData, check_features, real_labels, validate_clients
 from ensemble_fl.distributed import is_main_process, to_global, to_host
@@ -62,6 +63,7 @@ PyTree = Any
 MODES = ("exact", "monte_carlo", "partition")
 MAX_EXACT_MODELS = 1_000_000
 MAX_CLIENTS = 2**31 - 1
+MAX_MODELS = 2**31 - 1
 DEFAULT_CHUNK_SIZE = 64
 # On a CPU the models of a chunk run one after another inside the program
 # (see models_in_sequence), so the chunk no longer widens the working set; a
@@ -160,6 +162,7 @@ def _root_key(seed: int) -> jax.Array:
 
 
 def _check_pos_int(name: str, value: Any) -> int:
+  value = as_scalar(value)
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
     raise ValueError(f"{name} must be a positive integer, got {value!r}")
   return int(value)
@@ -199,7 +202,7 @@ def make_plan(mode: str, *, n: int, k: int | None = None, num_models: int | None
         partition. Needs N divisible by ``replicas`` and ``N / replicas <= n``.
     n: number of clients, >= 1.
     k: subsample size in ``[1, n]`` (exact, monte_carlo).
-    num_models: N (monte_carlo, partition).
+    num_models: N (monte_carlo, partition), at most ``MAX_MODELS``.
     seed: integer seed; everything is a deterministic function of it.
     replicas: partition mode: number of independent partitions, >= 1.
 
@@ -207,13 +210,15 @@ def make_plan(mode: str, *, n: int, k: int | None = None, num_models: int | None
     :class:`SubsamplePlan`.
 
   Raises:
-    ValueError: unknown mode, k outside [1, n], N < 1, too many exact subsets,
-      more partition groups than clients, or replicas outside partition mode
-      or not dividing N.
+    ValueError: unknown mode, k outside [1, n] or given in partition mode,
+      N < 1 or above ``MAX_MODELS``, too many exact subsets, more partition
+      groups than clients, or replicas outside partition mode or not dividing
+      N. Integer arguments may be Python, NumPy or 0-d JAX integers.
   """
   n = _check_pos_int("n", n)
   if n > MAX_CLIENTS:
     raise ValueError(f"n = {n} clients exceeds {MAX_CLIENTS} (client ids are int32)")
+  seed = as_scalar(seed)
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
     raise ValueError(f"seed must be an integer, got {seed!r}")
   seed = int(seed)
@@ -227,6 +232,9 @@ def make_plan(mode: str, *, n: int, k: int | None = None, num_models: int | None
                      f"{mode} mode")
   root = _root_key(seed)
 
+  if mode == "partition" and k is not None:
+    raise ValueError(f"k applies to exact and monte_carlo mode only, got k = {k} in partition "
+                     "mode (its groups' sizes follow from n and num_models)")
   if mode in ("exact", "monte_carlo"):
     if k is None:
       raise ValueError(f"k is required in {mode} mode")
@@ -249,6 +257,8 @@ def make_plan(mode: str, *, n: int, k: int | None = None, num_models: int | None
     if num_models is None:
       raise ValueError(f"num_models is required in {mode} mode")
     num = _check_pos_int("num_models", num_models)
+    if num > MAX_MODELS:
+      raise ValueError(f"num_models = {num} exceeds {MAX_MODELS} (model indices are int32)")
     if mode == "monte_carlo":
       subsets = np.sort(np.asarray(_monte_carlo_draws(root, n, k, num)), axis=1)
     else:

@@ -200,11 +200,29 @@ def test_partition_hash_is_the_documented_splitmix64():
     (dict(mode="partition", n=5, num_models=4, replicas=0), "replicas"),
     (dict(mode="bagging", n=5, k=2), "mode"),
     (dict(mode="exact", n=0, k=1), "n must be"),
+    # Sizes that cannot fit: refused up front, naming the limit, not aborted in XLA.
+    (dict(mode="monte_carlo", n=10, k=2, num_models=10**12),
+     rf"num_models = {10**12} exceeds {2**31 - 1} \(model indices are int32\)"),
+    (dict(mode="monte_carlo", n=10, k=2, num_models=2**31), "exceeds 2147483647"),
+    # An argument the mode does not use is refused, not dropped.
+    (dict(mode="partition", n=6, k=3, num_models=2), "k applies to exact and monte_carlo mode"),
+    (dict(mode="partition", n=6, k=1, num_models=2), "k applies to exact and monte_carlo mode"),
 ])
 def test_make_plan_rejects_bad_arguments(kwargs, match):
   mode = kwargs.pop("mode")
   with pytest.raises(ValueError, match=match):
     ensemble.make_plan(mode, **kwargs)
+
+
+@pytest.mark.parametrize("mode,kwargs", [("monte_carlo", dict(n=6, k=3, num_models=5, seed=2)),
+                                         ("exact", dict(n=5, k=2)),
+                                         ("partition", dict(n=9, num_models=6, replicas=2))])
+@pytest.mark.parametrize("scalar", [np.asarray, jax.numpy.asarray])
+def test_make_plan_takes_jax_and_numpy_scalars_alike(mode, kwargs, scalar):
+  want = ensemble.make_plan(mode, **kwargs)
+  got = ensemble.make_plan(mode, **{k: scalar(v) for k, v in kwargs.items()})
+  np.testing.assert_array_equal(got.subsets, want.subsets)
+  np.testing.assert_array_equal(got.keys, want.keys)
 
 
 # ------------------------------------------------------------------- training
