@@ -143,6 +143,16 @@ REFUSED = [
                   "partition", "--N", "10"], "--k does not apply to --mode partition"),
     ("attack.py", ["--dataset", "har", "--n-clients", "5", "--q", "0.9"],
      "--n-clients does not apply to HAR (HAR has one client per volunteer, n = 30)"),
+    ("attack.py", ["--attacks", "label_flip", "--scale", "2"],
+     "--scale does not apply to --attacks label_flip: only scaled use(s) it"),
+    ("attack.py", ["--attacks", "scaled,label_perm", "--fraction", "0.3"],
+     "--fraction does not apply to --attacks scaled,label_perm: only backdoor use(s) it"),
+    ("attack.py", ["--attacks", "scaled", "--target-label", "1"],
+     "--target-label does not apply to --attacks scaled: only label_flip, backdoor, "
+     "replacement use(s) it"),
+    # 6. An empty list item is refused, not dropped.
+    ("attack.py", ["--m-values", "1,,2"], "argument --m-values: empty item in '1,,2'"),
+    ("attack.py", ["--attacks", "scaled,"], "argument --attacks: empty item in 'scaled,'"),
     ("har.py", ["--q", "0.3"], "--q does not apply to HAR"),
     ("mnist.py", ["--har-data", "hapt"], "--har-data does not apply to MNIST"),
     ("har.py", ["--har-data", "bogus"], "argument --har-data: invalid choice"),
@@ -191,6 +201,18 @@ def test_flags_that_apply_are_still_accepted():
     command = cli.experiment_command(script[:-3])
     parser, _ = cli.make_parser(command, script[:-3])
     cli.config_from_args(config.ExperimentConfig, parser.parse_args(argv), script[:-3])
+
+
+@pytest.mark.parametrize("args", [
+    # The preset's N (500) is more groups than HAR's 30 clients; the sweep never runs it.
+    ["--dataset", "har", "--param", "N", "--values", "10", "20", "--mode", "partition"],
+    ["--dataset", "mnist", "--param", "N", "--values", "5", "--mode", "partition",
+     "--n-clients", "5"],
+    ["--dataset", "har", "--param", "k", "--values", "1", "3"],
+])
+def test_a_sweep_checks_its_own_values_not_the_presets(args, tmp_path, no_loading):
+  with pytest.raises(AssertionError, match="data loaded"):  # past every check, to the data
+    call("sweep.py", args + ["--out", tmp_path / "sweep"])
 
 
 # ------------------------------------------------ refused after loading
