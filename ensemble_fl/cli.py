@@ -22,8 +22,10 @@ The only module that knows argparse and flag spellings. Each script is a
 3. joins the multi-process runtime (``--distributed``; JAX's own
    ``jax.distributed``) when asked, before any JAX computation, waiting at
    most ``--init-timeout`` seconds for the other processes;
-4. checks the output folder (process 0) before any data is loaded: ``--out``
-   must be a folder it can write, new or empty unless ``--overwrite`` or,
+4. claims and checks the output folder (process 0) before any data is
+   loaded (:func:`claim_out_dir`: of two runs on one folder, one gets it;
+   with ``--checkpoint``, a finished run with other settings is refused):
+   ``--out`` must be a folder it can write, new or empty unless ``--overwrite`` or,
    with ``--checkpoint``, holding a checkpoint to resume; the default is a
    new folder ``results/<name>-<timestamp>[-i]/``, created atomically, so two
    runs never share one;
