@@ -21,6 +21,18 @@ def dtype_of(name: str, value: Any) -> np.dtype:
   return as_array(name, value).dtype if dtype is None else dtype
 
 
+def as_scalar(value: Any) -> Any:
+  """A 0-d array (a JAX scalar, or NumPy's) as its NumPy scalar; anything else as it is.
+
+  So that a scalar check accepts ``jnp.float32(0.1)`` wherever it accepts
+  ``np.float32(0.1)``.
+  """
+  if getattr(value, "ndim", None) == 0 and hasattr(value, "dtype") and \
+      not isinstance(value, np.generic):
+    return np.asarray(value)[()]
+  return value
+
+
 def check_subsets(subsets: Any, n: int, num_models: int | None = None) -> np.ndarray:
   """Validates a plan's client subsets: int ``[N, s]``, ids in ``[0, n)``, -1 pads.
 

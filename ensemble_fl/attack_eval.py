@@ -313,7 +313,8 @@ class _Check:
 
   def train(self, plan, attack):
     return ensemble.train_ensemble(self.init_fn, self.apply_fn, self.clients, plan, self.fed,
-                                   chunk_size=self.chunk, attack=attack)
+                                   chunk_size=self.chunk, attack=attack,
+                                   nonfinite="ignore")  # counted and reported per attack
 
   def predict(self, params, x, nonfinite: str = "warn") -> np.ndarray:
     with self.timed("predict"):

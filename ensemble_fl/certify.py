@@ -68,7 +68,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from scipy import special
 
-from ensemble_fl._arrays import as_array, check_subsets
+from ensemble_fl._arrays import as_array, as_scalar, check_subsets
 
 Fraction = fractions.Fraction
 
@@ -184,6 +184,7 @@ class Certificate:
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
   """Returns `value` as a Python int >= `minimum`, else raises ValueError."""
+  value = as_scalar(value)
   if isinstance(value, (bool, np.bool_)) or not isinstance(
       value, (numbers.Integral, np.integer)):
     raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -206,6 +207,7 @@ def _check_n_k(n: Any, k: Any) -> tuple[int, int]:
 
 def _check_alpha(alpha, name: str = "alpha") -> float:
   """alpha must be a real number strictly between 0 and 1."""
+  alpha = as_scalar(alpha)
   if alpha is None:
     raise ValueError(f"{name} is required"
                      + (" in monte_carlo mode" if name == "alpha" else ""))
@@ -678,6 +680,8 @@ def certify(predictions, *, num_classes: int, n: Optional[int] = None,
                      f"{mode!r} mode")
   if mode != "monte_carlo" and bound != "complement":
     raise ValueError("bound applies to monte_carlo mode only")
+  if alpha is not None:  # checked where it is ignored too: a bad value is a mistake anyway
+    alpha = _check_alpha(alpha)
   if mode == "exact":
     n, k = _check_n_k(n, k)
     if num_models != math.comb(n, k):
@@ -695,6 +699,11 @@ def certify(predictions, *, num_classes: int, n: Optional[int] = None,
     if n is None or subsets is None:
       raise ValueError("deterministic mode needs n and subsets")
     n = _check_int("n", n, 1)
+    if n * num_classes > _DETERMINISTIC_BLOCK_CELLS:
+      raise ValueError(
+          f"deterministic mode counts n x num_classes = {n} x {num_classes} votes per input, "
+          f"more than its limit of {_DETERMINISTIC_BLOCK_CELLS} cells: n must be at most "
+          f"{_DETERMINISTIC_BLOCK_CELLS // num_classes}")
     subsets = check_subsets(subsets, n, num_models)
     k = alpha = None
   else:

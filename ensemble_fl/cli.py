@@ -22,8 +22,10 @@ The only module that knows argparse and flag spellings. Each script is a
 3. joins the multi-process runtime (``--distributed``; JAX's own
    ``jax.distributed``) when asked, before any JAX computation, waiting at
    most ``--init-timeout`` seconds for the other processes;
-4. checks the output folder (process 0) before any data is loaded: ``--out``
-   must be a folder it can write, new or empty unless ``--overwrite`` or,
+4. claims and checks the output folder (process 0) before any data is
+   loaded (:func:`claim_out_dir`: of two runs on one folder, one gets it;
+   with ``--checkpoint``, a finished run with other settings is refused):
+   ``--out`` must be a folder it can write, new or empty unless ``--overwrite`` or,
    with ``--checkpoint``, holding a checkpoint to resume; the default is a
    new folder ``results/<name>-<timestamp>[-i]/``, created atomically, so two
    runs never share one;
@@ -33,15 +35,19 @@ The only module that knows argparse and flag spellings. Each script is a
 
 Exit status: 0 done; 1 the attack check found a violation; 2 refused (one
 ``error:`` line, nothing trained); 3 models diverged to NaN or inf (outputs
-written and marked; ``--keep-nonfinite`` accepts such a run with 0); 130
-interrupted.
+written and marked; ``--keep-nonfinite`` accepts such a run with 0); 4 the OS
+refused a write (disk full, file-size limit: one ``error:`` line naming the
+path; files already in place stay whole); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import fcntl
 import itertools
+import json
 import os
 import sys
 import tempfile
@@ -73,6 +79,7 @@ FLAG_SPELLINGS = {"num_models": "N"}
 
 EXIT_REFUSED = 2       # a bad flag, setting, output folder or data: nothing trained
 EXIT_NONFINITE = 3     # models diverged: outputs written, marked (see --keep-nonfinite)
+EXIT_WRITE_FAILED = 4  # the OS refused a write (disk full, file-size limit): one error line
 EXIT_INTERRUPTED = 130
 
 # Seconds every process of a multi-process run waits for the others to join.
@@ -99,10 +106,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def _list_of(kind: type) -> Callable[[str], tuple]:
-  """Parses ``'1,4,8'`` (or ``'1 4 8'``) into a tuple of ``kind``."""
+  """Parses ``'1,4,8'`` (or ``'1 4 8'``) into a tuple of ``kind``; an empty
+  item (``'1,,8'``, ``'1,'``) is refused, not dropped."""
   def parse(text: str) -> tuple:
+    items = [v.strip() for v in text.split(",")] if "," in text else text.split()
+    if "" in items:
+      raise argparse.ArgumentTypeError(f"empty item in {text!r}: expected comma-separated "
+                                       f"{kind.__name__} values")
     try:
-      return tuple(kind(v) for v in text.replace(",", " ").split())
+      return tuple(kind(v) for v in items)
     except ValueError:
       raise argparse.ArgumentTypeError(
           f"expected comma-separated {kind.__name__} values, got {text!r}") from None
@@ -373,6 +385,10 @@ class Command:
     check_config: ``check_config(cfg, args)``: its own checks of the config,
       before the output folder is made.
     nonfinite_flag: it has ``--keep-nonfinite`` (runs that train models).
+    planned_results: ``planned_results(cfg, args) -> {subfolder: config}``:
+      where it publishes a ``results.json`` and for which config (``"."``:
+      the output folder itself); with ``--checkpoint``, a finished run there
+      with other settings is refused (:func:`refuse_replacing_finished`).
   """
 
   prog: str
@@ -392,6 +408,7 @@ class Command:
   check_flags: Callable[[argparse.Namespace, dict[str, Any]], None] | None = None
   check_config: Callable[[Any, argparse.Namespace], None] | None = None
   nonfinite_flag: bool = False
+  planned_results: Callable[[Any, argparse.Namespace], dict[str, Any]] | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -401,13 +418,55 @@ class Command:
 DEFAULT_OUT_ROOT = Path("results")
 
 
-def _probe_writable(folder: Path, name: str) -> None:
-  """Creates and removes a file in ``folder``: writable, really (root, /proc,
-  read-only mounts all answer here)."""
+# The file a run holds locked in its output folder while it lives.
+CLAIM_NAME = ".claimed-by-run"
+
+
+class Claim:
+  """An output folder held by this run: an exclusive ``flock`` on ``CLAIM_NAME``.
+
+  The kernel drops the lock when the process dies, so a killed run leaves no
+  claim behind that blocks the next one (only the empty file, which the next
+  claim takes over).
+  """
+
+  def __init__(self, path: Path, fd: int):
+    self.path, self._fd = path, fd
+
+  def release(self) -> None:
+    """Removes the file, then drops the lock (a waiting claimant sees the file gone)."""
+    try:
+      os.unlink(self.path)
+    except OSError:
+      pass
+    os.close(self._fd)
+
+
+def claim_out_dir(folder: Path, name: str) -> Claim:
+  """Claims ``folder`` for this run, atomically: of two runs, one gets it.
+
+  Creating the claim file also proves that ``folder`` can be written (root,
+  /proc and read-only mounts all answer here).
+
+  Raises:
+    ValueError: another live run holds ``folder``, or it cannot be written.
+  """
+  path = folder / CLAIM_NAME
   try:
-    fd, probe = tempfile.mkstemp(prefix=".probe-", dir=folder)
-    os.close(fd)
-    os.remove(probe)
+    while True:
+      fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"{name}: another run is writing into this folder now: wait for it "
+                         "to finish, or name another folder") from None
+      try:  # the holder before us may have removed the file meanwhile: claim the new one
+        if os.path.samestat(os.fstat(fd), os.stat(path)):
+          return Claim(path, fd)
+      except FileNotFoundError:
+        pass
+      os.close(fd)
   except OSError as e:
     raise ValueError(f"{name}: cannot write there ({e.strerror or e})") from None
 
@@ -460,8 +519,8 @@ def create_unique_dir(root: Path, name: str) -> Path:
 
 
 def prepare_out_dir(out: Path | None, default_name: str, *, overwrite: bool = False,
-                    resume: bool = False) -> tuple[Path, Path | None]:
-  """Checks (and creates) the output folder, before any work.
+                    resume: bool = False) -> tuple[Path, Path | None, Claim]:
+  """Checks, creates and claims the output folder, before any work.
 
   Args:
     out: ``--out``, or None for a new folder under :data:`DEFAULT_OUT_ROOT`.
@@ -471,13 +530,16 @@ def prepare_out_dir(out: Path | None, default_name: str, *, overwrite: bool = Fa
       checkpoint (whose fingerprint the trainer checks against this run).
 
   Returns:
-    ``(folder, created)``: ``created`` is the topmost folder this call made
-    (``folder`` or a parent), None when ``folder`` existed. A run that ends
-    without writing removes them again (:func:`remove_created`).
+    ``(folder, created, claim)``: ``created`` is the topmost folder this call
+    made (``folder`` or a parent), None when ``folder`` existed; ``claim``
+    (:func:`claim_out_dir`) is taken before the folder is checked, so two runs
+    started together cannot both find it empty. The run releases the claim
+    when it ends, and one that ends without writing removes the folders it
+    created (:func:`remove_created`).
 
   Raises:
-    ValueError: ``out`` is a file, cannot be created or written, or holds
-      files this run did not write (one line each).
+    ValueError: ``out`` is a file, cannot be created or written, is held by
+      another run, or holds files this run did not write (one line each).
   """
   if out is None:
     root_missing = _first_missing(DEFAULT_OUT_ROOT)
@@ -492,10 +554,12 @@ def prepare_out_dir(out: Path | None, default_name: str, *, overwrite: bool = Fa
       out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
       raise ValueError(f"{name}: cannot create the folder ({e.strerror or e})") from None
+  claim = None
   try:
-    _probe_writable(out, name)
-    # Leftovers of a write that was killed are not results.
-    entries = sorted(e for e in os.listdir(out) if not e.startswith(results.STAGING_PREFIX))
+    claim = claim_out_dir(out, name)
+    # Leftovers of a write that was killed, and the claim, are not results.
+    entries = sorted(e for e in os.listdir(out)
+                     if not e.startswith(results.STAGING_PREFIX) and e != CLAIM_NAME)
     if entries and not overwrite and not (resume and CHECKPOINT_SUBDIR in entries):
       shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
       hint = ("; it holds a checkpoint: add --checkpoint to resume that run"
@@ -503,10 +567,76 @@ def prepare_out_dir(out: Path | None, default_name: str, *, overwrite: bool = Fa
       raise ValueError(f"{name} already holds files ({shown}): name a new or empty folder, or "
                        f"pass --overwrite to replace them{hint}")
   except ValueError:
+    if claim is not None:
+      claim.release()
     if created is not None:
       remove_created(out, created)
     raise
-  return out, created
+  return out, created, claim
+
+
+def release_out_dir(out: Path, created: Path | None, claim: Claim | None) -> None:
+  """Ends a run's hold on its output folder: the claim, then the folders it
+  created if they are still empty."""
+  if claim is not None:
+    claim.release()
+  if created is not None:
+    remove_created(out, created)
+
+
+def _shown_setting(value: Any) -> str:
+  return _show(tuple(value) if isinstance(value, list) else value)
+
+
+def refuse_replacing_finished(out: Path, planned: dict[str, Any], flags: dict[str, str]) -> None:
+  """Refuses a resume that would publish other results over a finished run's.
+
+  A finished run records its settings in ``results.json``. Rerunning it with
+  the same settings publishes the same results again (its chunks are loaded,
+  not trained: how an older run gets its ``ensemble/``); any other setting
+  (``--test-size`` too, which the checkpoint does not fingerprint) would
+  replace them, which only ``--overwrite`` may.
+
+  Raises:
+    ValueError: naming the file and the settings that differ.
+  """
+  for sub, cfg in planned.items():
+    path = out / sub / "results.json"
+    if not path.exists():
+      continue
+    recorded = results.recorded_config(path)
+    wanted = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    if recorded == wanted:
+      continue
+    if recorded is None:
+      what = "settings it does not record readably"
+    else:
+      what = "other settings (" + ", ".join(
+          f"{flags.get(f, flag_name(f))} {_shown_setting(recorded.get(f))} there, "
+          f"{_shown_setting(v)} now" for f, v in wanted.items() if recorded.get(f) != v) + ")"
+    raise ValueError(f"{path} holds a finished run's results with {what}: they are never "
+                     "replaced without --overwrite; rerun with its settings, or name another "
+                     "--out")
+
+
+# What to do when the OS refuses a write, by errno.
+_WRITE_REMEDIES = {
+    errno.ENOSPC: "free space on that disk",
+    errno.EDQUOT: "free space within your disk quota",
+    errno.EFBIG: "raise the file-size limit (ulimit -f)",
+    errno.EROFS: "write to a writable file system",
+    errno.EACCES: "make it writable",
+    errno.EPERM: "make it writable",
+    errno.EISDIR: "move that folder away",
+}
+
+
+def os_error_line(e: OSError, where: Path) -> str:
+  """One line for an OS error at a write: the path (``where`` when the error
+  names none, as a full disk during ``write`` does) and what to do."""
+  path = e.filename or where
+  remedy = _WRITE_REMEDIES.get(e.errno, "check that it can be written")
+  return f"{path}: {e.strerror or e}: {remedy}, then rerun"
 
 
 def _stderr_log(message: str) -> None:
@@ -574,14 +704,14 @@ def _prepare_output(command: Command, args: argparse.Namespace, dataset: str,
   whether it could (a refusal on process 0 ends every process).
 
   Returns:
-    ``(folder, created)`` as :func:`prepare_out_dir` (on other processes:
-    ``--out`` unchecked, None).
+    ``(folder, created, claim)`` as :func:`prepare_out_dir` (on other
+    processes: ``--out`` unchecked, None, None).
   """
   error = None
-  out, created = args.out or DEFAULT_OUT_ROOT, None
+  out, created, claim = args.out or DEFAULT_OUT_ROOT, None, None
   if main_process:
     try:
-      out, created = prepare_out_dir(
+      out, created, claim = prepare_out_dir(
           args.out, command.out_name(args, dataset), overwrite=args.overwrite,
           resume=command.checkpoint and args.checkpoint)
     except ValueError as e:
@@ -590,8 +720,10 @@ def _prepare_output(command: Command, args: argparse.Namespace, dataset: str,
     if not distributed.broadcast_int(int(error is None)) and error is None:
       error = ValueError("process 0 refused the output folder (its message says why)")
   if error is not None:
+    if claim is not None:
+      release_out_dir(out, created, claim)
     raise error
-  return out, created
+  return out, created, claim
 
 
 def main(command: Command, argv: Sequence[str] | None = None) -> int:
@@ -619,7 +751,7 @@ def main(command: Command, argv: Sequence[str] | None = None) -> int:
     return EXIT_REFUSED
 
   timings: dict[str, float] = {}
-  out_dir = created = None  # created: made by this run, removed again while empty
+  out_dir = created = claim = None  # created: made by this run, removed again while empty
   try:
     try:
       if command.check_flags is not None:
@@ -636,7 +768,9 @@ def main(command: Command, argv: Sequence[str] | None = None) -> int:
       if checkpointing and args.out is None:
         raise ValueError("--checkpoint needs --out (the folder to resume in)")
       main_process = start_runtime(args)
-      out_dir, created = _prepare_output(command, args, dataset, main_process)
+      out_dir, created, claim = _prepare_output(command, args, dataset, main_process)
+      if main_process and checkpointing and not args.overwrite and command.planned_results:
+        refuse_replacing_finished(out_dir, command.planned_results(cfg, args), flags)
       job = command.load(cfg, args, timings)
     except (ValueError, FileNotFoundError) as e:
       return fail(e)
@@ -649,20 +783,26 @@ def main(command: Command, argv: Sequence[str] | None = None) -> int:
                   log=_stderr_log if main_process else (lambda message: None),
                   progress_factory=progress_lib.ProgressBar if main_process else None,
                   timings=timings, start=start)
+    writing = ctx.checkpoint_dir  # where an OS error that names no file was writing
     try:
       result = command.run(job, ctx)
+      writing = out_dir
+      if main_process:  # every process holds the same results; one writes them
+        command.write(result, ctx)
     except (ConfigError, CheckpointError, MemoryEstimateError) as e:
       return fail(e)
+    except OSError as e:  # a full disk or a file-size limit: files in place stay whole
+      kept = (f"; finished chunks stay in {ctx.checkpoint_dir}: the rerun resumes from them"
+              if checkpointing else "")
+      print(f"error: {os_error_line(e, writing or out_dir)}{kept}", file=sys.stderr)
+      return EXIT_WRITE_FAILED
     except KeyboardInterrupt:
       print("\ninterrupted" + (f": finished chunks are in {ctx.checkpoint_dir}, rerun to resume"
                                if checkpointing else ": nothing written"), file=sys.stderr)
       return EXIT_INTERRUPTED
-    if main_process:  # every process holds the same results; one writes them
-      command.write(result, ctx)
     return command.status(result, ctx)
   finally:
-    if created is not None:
-      remove_created(out_dir, created)
+    release_out_dir(out_dir, created, claim)
 
 
 # ---------------------------------------------------------------------------
@@ -724,7 +864,7 @@ def experiment_command(dataset: str) -> Command:
       default_preset="paper", out_name=lambda args, ds: ds, checkpoint=True,
       load=_load_experiment, run=_run_experiment, write=_write_experiment,
       status=_experiment_status, add_flags=_add_experiment_flags,
-      nonfinite_flag=True)
+      nonfinite_flag=True, planned_results=lambda cfg, args: {".": cfg})
 
 
 def experiment_main(dataset: str, argv: Sequence[str] | None = None) -> int:
@@ -760,6 +900,9 @@ def _sweep_defaults(args, dataset: str) -> dict[str, Any]:
   defaults: dict[str, Any] = {"baseline": False}
   if dataset == "har" and args.param in ("N", "alpha"):
     defaults["k"] = 4
+  # The swept field takes its first value, not the preset's: the preset's
+  # (e.g. N = 500 on HAR's 30 clients in partition mode) is never run.
+  defaults[SWEEP_PARAMS[args.param]] = _sweep_values(args)[0]
   return defaults
 
 
@@ -778,6 +921,12 @@ def _sweep_values(args) -> list[Any]:
 
 def _check_sweep_config(cfg: ExperimentConfig, args) -> None:
   experiment.sweep_configs(cfg, SWEEP_PARAMS[args.param], _sweep_values(args))
+
+
+def _sweep_planned_results(cfg: ExperimentConfig, args) -> dict[str, ExperimentConfig]:
+  values = _sweep_values(args)
+  configs = experiment.sweep_configs(cfg, SWEEP_PARAMS[args.param], values)
+  return {f"{args.param}={value}": c for value, c in zip(values, configs)}
 
 
 def _load_sweep(cfg: ExperimentConfig, args, timings):
@@ -818,7 +967,7 @@ SWEEP = Command(
     load=_load_sweep, run=_run_sweep, write=_write_sweep, status=_sweep_status,
     add_flags=_add_sweep_flags,
     defaults=_sweep_defaults, check_flags=_check_sweep_flags, check_config=_check_sweep_config,
-    nonfinite_flag=True)
+    nonfinite_flag=True, planned_results=_sweep_planned_results)
 
 
 def sweep_main(argv: Sequence[str] | None = None) -> int:
@@ -977,7 +1126,7 @@ def certify_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
   except SystemExit as e:
     return e.code if isinstance(e.code, int) else EXIT_REFUSED
-  out = created = None
+  out = created = claim = None
   timings: dict[str, float] = {}
   try:
     try:
@@ -1017,7 +1166,7 @@ def certify_main(argv: Sequence[str] | None = None) -> int:
         if y_true is not None:
           y_true = _labels_for(y_true, d, ens.model.num_classes,
                                "--labels" if args.labels else "y_true")
-      out, created = prepare_out_dir(args.out, "certify", overwrite=args.overwrite)
+      out, created, claim = prepare_out_dir(args.out, "certify", overwrite=args.overwrite)
     except (ValueError, FileNotFoundError) as e:
       print(f"error: {_one_line(e, {})}", file=sys.stderr)
       return EXIT_REFUSED
@@ -1038,14 +1187,16 @@ def certify_main(argv: Sequence[str] | None = None) -> int:
     body.update(ensemble=str(folder), fingerprint=ens.fingerprint,
                 source=str(args.inputs or args.predictions),
                 created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    paths = _write_certificates(out, cert, y_true, body)
-    created = None
+    try:
+      paths = _write_certificates(out, cert, y_true, body)
+    except OSError as e:
+      print(f"error: {os_error_line(e, out)}", file=sys.stderr)
+      return EXIT_WRITE_FAILED
     print(text)
     print(f"outputs: {', '.join(map(str, paths))}")
     return 0
   finally:
-    if created is not None:
-      remove_created(out, created)
+    release_out_dir(out, created, claim)
 
 
 def _remove_parser() -> ArgumentParser:
@@ -1099,6 +1250,9 @@ def remove_main(argv: Sequence[str] | None = None) -> int:
   except (ValueError, TypeError, FileNotFoundError) as e:
     print(f"error: {_one_line(e, {})}", file=sys.stderr)
     return EXIT_REFUSED
+  except OSError as e:  # the new ensemble is written aside and renamed: nothing half-made
+    print(f"error: {os_error_line(e, args.out)}", file=sys.stderr)
+    return EXIT_WRITE_FAILED
   except KeyboardInterrupt:
     print("\ninterrupted: nothing written", file=sys.stderr)
     return EXIT_INTERRUPTED

@@ -48,6 +48,10 @@ PRESET_NAMES = ("paper", "cpu")
 # (label_flip with the permutation y -> y + 1 mod C).
 ATTACK_NAMES = ("label_flip", "label_perm", "backdoor", "scaled", "replacement")
 DEFAULT_ATTACKS = ("label_flip", "backdoor", "scaled", "replacement")
+# The AttackEvalConfig fields each attack reads (ensemble_fl.attack_eval.attack_kwargs).
+ATTACK_FIELDS = {"label_flip": ("target_label",), "label_perm": (),
+                 "backdoor": ("target_label", "fraction"), "scaled": ("scale",),
+                 "replacement": ("target_label", "boost")}
 CHOICES = attacks.CHOICES  # see attacks.choose_malicious
 FULL_RETRAIN = ("first", "all", "none")
 
@@ -383,6 +387,12 @@ def ignored_fields(cfg: TrainingConfig) -> dict[str, str]:
         f"does not apply to `mode` exact, which trains one model per k-subset: C(n, k) = "
         f"C({cfg.n_clients}, {cfg.k}) = {spec.num_models} models; drop it (or use `mode` "
         "monte_carlo or deterministic for N drawn subsets)")
+  if hasattr(cfg, "attacks"):  # an attack's own setting, where no chosen attack reads it
+    for field in sorted({f for fields in ATTACK_FIELDS.values() for f in fields}):
+      users = [a for a, fields in ATTACK_FIELDS.items() if field in fields]
+      if not set(users) & set(cfg.attacks):
+        ignored[field] = (f"does not apply to `attacks` {','.join(cfg.attacks)}: only "
+                          f"{', '.join(users)} use(s) it")
   if spec.certify_mode != "monte_carlo":
     ignored["alpha"] = (f"does not apply to `mode` {spec.mode}: its certificate counts the "
                         "votes exactly, with no probability bound; alpha is for monte_carlo")

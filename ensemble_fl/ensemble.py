@@ -53,6 +53,7 @@ from flax import errors as flax_errors
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ensemble_fl import fedavg as fedavg_lib
+from ensemble_fl._arrays import as_scalar
 from ensemble_fl.checkpoint import ChunkStore, array_digest
 from ensemble_fl.clients import ClientData, check_features, real_labels, validate_clients
 from ensemble_fl.distributed import is_main_process, to_global, to_host
@@ -62,6 +63,7 @@ PyTree = Any
 MODES = ("exact", "monte_carlo", "partition")
 MAX_EXACT_MODELS = 1_000_000
 MAX_CLIENTS = 2**31 - 1
+MAX_MODELS = 2**31 - 1
 DEFAULT_CHUNK_SIZE = 64
 # On a CPU the models of a chunk run one after another inside the program
 # (see models_in_sequence), so the chunk no longer widens the working set; a
@@ -160,6 +162,7 @@ def _root_key(seed: int) -> jax.Array:
 
 
 def _check_pos_int(name: str, value: Any) -> int:
+  value = as_scalar(value)
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
     raise ValueError(f"{name} must be a positive integer, got {value!r}")
   return int(value)
@@ -199,7 +202,7 @@ def make_plan(mode: str, *, n: int, k: int | None = None, num_models: int | None
         partition. Needs N divisible by ``replicas`` and ``N / replicas <= n``.
     n: number of clients, >= 1.
     k: subsample size in ``[1, n]`` (exact, monte_carlo).
-    num_models: N (monte_carlo, partition).
+    num_models: N (monte_carlo, partition), at most ``MAX_MODELS``.
     seed: integer seed; everything is a deterministic function of it.
     replicas: partition mode: number of independent partitions, >= 1.
 
@@ -207,13 +210,15 @@ def make_plan(mode: str, *, n: int, k: int | None = None, num_models: int | None
     :class:`SubsamplePlan`.
 
   Raises:
-    ValueError: unknown mode, k outside [1, n], N < 1, too many exact subsets,
-      more partition groups than clients, or replicas outside partition mode
-      or not dividing N.
+    ValueError: unknown mode, k outside [1, n] or given in partition mode,
+      N < 1 or above ``MAX_MODELS``, too many exact subsets, more partition
+      groups than clients, or replicas outside partition mode or not dividing
+      N. Integer arguments may be Python, NumPy or 0-d JAX integers.
   """
   n = _check_pos_int("n", n)
   if n > MAX_CLIENTS:
     raise ValueError(f"n = {n} clients exceeds {MAX_CLIENTS} (client ids are int32)")
+  seed = as_scalar(seed)
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
     raise ValueError(f"seed must be an integer, got {seed!r}")
   seed = int(seed)
@@ -227,6 +232,9 @@ def make_plan(mode: str, *, n: int, k: int | None = None, num_models: int | None
                      f"{mode} mode")
   root = _root_key(seed)
 
+  if mode == "partition" and k is not None:
+    raise ValueError(f"k applies to exact and monte_carlo mode only, got k = {k} in partition "
+                     "mode (its groups' sizes follow from n and num_models)")
   if mode in ("exact", "monte_carlo"):
     if k is None:
       raise ValueError(f"k is required in {mode} mode")
@@ -249,6 +257,8 @@ def make_plan(mode: str, *, n: int, k: int | None = None, num_models: int | None
     if num_models is None:
       raise ValueError(f"num_models is required in {mode} mode")
     num = _check_pos_int("num_models", num_models)
+    if num > MAX_MODELS:
+      raise ValueError(f"num_models = {num} exceeds {MAX_MODELS} (model indices are int32)")
     if mode == "monte_carlo":
       subsets = np.sort(np.asarray(_monte_carlo_draws(root, n, k, num)), axis=1)
     else:
@@ -553,7 +563,8 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
                    progress: Callable[[int, int], None] | None = None,
                    checkpoint_dir: str | os.PathLike | None = None,
                    fingerprint_extra: dict[str, Any] | None = None,
-                   attack: Any = None, mesh: Mesh | None = None) -> PyTree:
+                   attack: Any = None, mesh: Mesh | None = None,
+                   nonfinite: str = "warn") -> PyTree:
   """Trains one FedAvg global model per plan row.
 
   Args:
@@ -588,6 +599,11 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
       big_vision's trainers take a mesh). None (default): every device,
       ``Mesh(jax.devices(), ("models",))``. Bit-identity of a resumed run
       holds on the same mesh size (it is part of the checkpoint fingerprint).
+    nonfinite: models that end training with a NaN or inf parameter (a step
+      size too large: they diverged, yet would still vote and be certified):
+      ``"warn"`` (default, a ``RuntimeWarning`` naming them), ``"raise"``
+      (ValueError) or ``"ignore"`` (the caller checks
+      :func:`nonfinite_models` itself), as :func:`predict`'s.
 
   Returns:
     Host numpy params pytree; every leaf has a leading model axis ``N``.
@@ -604,6 +620,7 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
   """
   if not isinstance(config, fedavg_lib.FedAvgConfig):
     raise ValueError(f"config must be a FedAvgConfig, got {type(config).__name__}")
+  _check_nonfinite_policy(nonfinite)
   for name, fn in (("init_fn", init_fn), ("apply_fn", apply_fn)):
     if not callable(fn):
       raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
@@ -702,7 +719,10 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
     if progress is not None:
       progress(done, total)
     pending = nxt
-  return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=0), *results)
+  trained = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=0), *results)
+  _report_nonfinite(nonfinite_models(trained), total, "ended training with NaN or inf "
+                    "parameters", "they diverged (a smaller learning rate may help)", nonfinite)
+  return trained
 
 
 # --------------------------------------------------------------------------
@@ -710,6 +730,23 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
 
 
 NONFINITE_POLICIES = ("warn", "raise", "ignore")
+
+
+def _check_nonfinite_policy(nonfinite: Any) -> None:
+  if nonfinite not in NONFINITE_POLICIES:
+    raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+
+
+def _report_nonfinite(bad: np.ndarray, total: int, what: str, then: str, policy: str) -> None:
+  """Warns about (or raises on) the models ``bad`` of ``total``, per ``policy``
+  (one of :data:`NONFINITE_POLICIES`); the warning points at the caller's caller."""
+  if not bad.size or policy == "ignore":
+    return
+  shown = ", ".join(map(str, bad[:10].tolist())) + (", ..." if bad.size > 10 else "")
+  msg = f"{bad.size} of {total} models {what} (models {shown}); {then}"
+  if policy == "raise":
+    raise ValueError(msg)
+  warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def _predict_chunk_impl(apply_fn, mesh, sequential, params, xb):
@@ -761,8 +798,7 @@ def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray,
       work), unknown ``nonfinite``, or ``nonfinite="raise"`` and a model's
       logits are not finite.
   """
-  if nonfinite not in NONFINITE_POLICIES:
-    raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+  _check_nonfinite_policy(nonfinite)
   leaves = jax.tree_util.tree_leaves(stacked_params)
   if not leaves:
     raise ValueError("stacked_params is empty")
@@ -819,14 +855,8 @@ def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray,
     ok = np.concatenate([to_host(f) for _, f in results], axis=1)
     out[start:stop] = labels[: stop - start, :d]
     finite[start:stop] = ok[: stop - start, :d].all(axis=1)
-  bad = np.flatnonzero(~finite)
-  if bad.size and nonfinite != "ignore":
-    shown = ", ".join(map(str, bad[:10].tolist())) + (", ..." if bad.size > 10 else "")
-    msg = (f"{bad.size} of {total} models give NaN or inf logits on some inputs "
-           f"(models {shown}); they vote argmax of those logits")
-    if nonfinite == "raise":
-      raise ValueError(msg)
-    warnings.warn(msg, RuntimeWarning, stacklevel=2)
+  _report_nonfinite(np.flatnonzero(~finite), total, "give NaN or inf logits on some inputs",
+                    "they vote argmax of those logits", nonfinite)
   return out
 
 

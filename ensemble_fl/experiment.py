@@ -249,6 +249,7 @@ def train_models(cfg: TrainingConfig, model: Model, clients: ClientData,
   return ensemble.train_ensemble(
       model.init_fn, model.apply_fn, clients, plan, fedavg_config(cfg),
       chunk_size=cfg.chunk_size, progress=progress, checkpoint_dir=checkpoint_dir,
+      nonfinite="ignore",  # run() reports them through its log and marks every output
       fingerprint_extra=None if checkpoint_dir is None else {"model": model.description,
                                                              "data_source": data_source})
 

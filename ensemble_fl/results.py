@@ -229,6 +229,16 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     f.write("\n")
 
 
+def recorded_config(path: str | os.PathLike) -> dict[str, Any] | None:
+  """The ``config`` a finished run's ``results.json`` records (None: unreadable)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      recorded = json.load(f).get("config")
+  except (OSError, ValueError, AttributeError):
+    return None
+  return recorded if isinstance(recorded, dict) else None
+
+
 def _floats(a) -> list[float] | None:
   return None if a is None else [float(v) for v in np.asarray(a)]
 
@@ -387,10 +397,17 @@ ENSEMBLE_SUBDIR = "ensemble"
 
 def write_outputs(out_dir: str | os.PathLike, result: ExperimentResult,
                   *, environment: dict[str, Any] | None = None) -> list[Path]:
-  """Writes the four output files of a run into ``out_dir`` (created), each
-  renamed into place when complete (:func:`publish`), then the trained
-  ensemble, when the result kept it, into ``out_dir/ensemble/``
-  (:func:`ensemble_fl.deploy.save_ensemble`, itself renamed into place whole)."""
+  """Writes the trained ensemble, when the result kept it, into
+  ``out_dir/ensemble/`` (:func:`ensemble_fl.deploy.save_ensemble`, renamed
+  into place whole), then the four output files of a run into ``out_dir``
+  (created), each renamed into place when complete (:func:`publish`).
+
+  The ensemble goes first: ``results.json`` marks a finished run, so a write
+  that fails (a full disk) leaves the previous results, if any, in place.
+
+  Returns:
+    The four files (three without matplotlib), then the ensemble's folder.
+  """
   def write(out: Path) -> list[Path]:
     paths = [out / "results.json", out / "predictions.npz", out / "certified_accuracy.csv"]
     write_json(paths[0], result_to_dict(result, environment))
@@ -398,11 +415,11 @@ def write_outputs(out_dir: str | os.PathLike, result: ExperimentResult,
     write_csv(paths[2], result)
     png = plot_result(out / "certified_accuracy.png", result)
     return paths + ([png] if png is not None else [])
-  written = publish(out_dir, write)
+  saved = []
   if result.ensemble is not None:
-    written.append(deploy.save_ensemble(Path(out_dir) / ENSEMBLE_SUBDIR, result.ensemble,
-                                        overwrite=True))
-  return written
+    saved.append(deploy.save_ensemble(Path(out_dir) / ENSEMBLE_SUBDIR, result.ensemble,
+                                      overwrite=True))
+  return publish(out_dir, write) + saved
 
 
 def table_rows(max_m: int) -> list[int]:

@@ -611,8 +611,40 @@ def test_partition_ignores_n_k_alpha():
   preds = np.array([[0, 1], [0, 1], [1, 1]], np.int32)
   a = cert.certify(preds, num_classes=2, mode="partition")
   b = cert.certify(preds, num_classes=2, mode="partition", n=3, k=9,
-                   alpha=7.0)
+                   alpha=0.5)
   np.testing.assert_array_equal(a.levels, b.levels)
+
+
+@pytest.mark.parametrize("mode,extra", [
+    ("partition", {}),
+    ("exact", dict(n=3, k=1)),
+    ("deterministic", dict(n=3, subsets=np.arange(3)[:, None])),
+])
+@pytest.mark.parametrize("alpha", [7.0, 0.0, 1.0, -0.1, float("nan")])
+def test_an_alpha_outside_0_1_is_refused_where_it_is_ignored_too(mode, extra, alpha):
+  preds = np.array([[0, 1], [0, 1], [1, 1]], np.int32)
+  with pytest.raises(ValueError, match="alpha must lie in"):
+    cert.certify(preds, num_classes=2, mode=mode, alpha=alpha, **extra)
+
+
+@pytest.mark.parametrize("scalar", [np.asarray, jnp.asarray])
+def test_jax_and_numpy_scalars_are_accepted_alike(scalar):
+  rng = np.random.default_rng(0)
+  preds = random_predictions(rng, 10, 6, 3)
+  want = cert.certify(preds, num_classes=3, n=20, k=2, alpha=0.01, seed=1)
+  got = cert.certify(preds, num_classes=scalar(3), n=scalar(20), k=scalar(2),
+                     alpha=scalar(np.float32(0.01)), seed=scalar(1))
+  np.testing.assert_array_equal(got.levels, want.levels)
+  assert got.n == 20 and type(got.n) is int
+
+
+@pytest.mark.parametrize("n,num_classes", [(10**12, 2), (2**23, 2), (2**22 + 1, 2), (10**7, 10)])
+def test_deterministic_refuses_an_n_that_cannot_fit_up_front(n, num_classes):
+  preds = np.zeros((2, 3), np.int32)
+  with pytest.raises(ValueError, match=rf"n x num_classes = {n} x {num_classes} votes per "
+                                       rf"input, more than its limit of {2**23} cells"):
+    cert.certify(preds, num_classes=num_classes, n=n, mode="deterministic",
+                 subsets=np.array([[0], [1]]))
 
 
 # ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ diverges), trained once; the runs after it reuse its compiled programs.
 
 import contextlib
 import dataclasses
+import errno
 import io
 import json
 import os
@@ -28,8 +29,10 @@ import numpy as np
 import pytest
 
 from ensemble_fl import certify
+from ensemble_fl import checkpoint
 from ensemble_fl import cli
 from ensemble_fl import config
+from ensemble_fl import deploy
 from ensemble_fl import distributed
 from ensemble_fl import experiment
 from ensemble_fl import plotting
@@ -140,6 +143,16 @@ REFUSED = [
                   "partition", "--N", "10"], "--k does not apply to --mode partition"),
     ("attack.py", ["--dataset", "har", "--n-clients", "5", "--q", "0.9"],
      "--n-clients does not apply to HAR (HAR has one client per volunteer, n = 30)"),
+    ("attack.py", ["--attacks", "label_flip", "--scale", "2"],
+     "--scale does not apply to --attacks label_flip: only scaled use(s) it"),
+    ("attack.py", ["--attacks", "scaled,label_perm", "--fraction", "0.3"],
+     "--fraction does not apply to --attacks scaled,label_perm: only backdoor use(s) it"),
+    ("attack.py", ["--attacks", "scaled", "--target-label", "1"],
+     "--target-label does not apply to --attacks scaled: only label_flip, backdoor, "
+     "replacement use(s) it"),
+    # 6. An empty list item is refused, not dropped.
+    ("attack.py", ["--m-values", "1,,2"], "argument --m-values: empty item in '1,,2'"),
+    ("attack.py", ["--attacks", "scaled,"], "argument --attacks: empty item in 'scaled,'"),
     ("har.py", ["--q", "0.3"], "--q does not apply to HAR"),
     ("mnist.py", ["--har-data", "hapt"], "--har-data does not apply to MNIST"),
     ("har.py", ["--har-data", "bogus"], "argument --har-data: invalid choice"),
@@ -188,6 +201,18 @@ def test_flags_that_apply_are_still_accepted():
     command = cli.experiment_command(script[:-3])
     parser, _ = cli.make_parser(command, script[:-3])
     cli.config_from_args(config.ExperimentConfig, parser.parse_args(argv), script[:-3])
+
+
+@pytest.mark.parametrize("args", [
+    # The preset's N (500) is more groups than HAR's 30 clients; the sweep never runs it.
+    ["--dataset", "har", "--param", "N", "--values", "10", "20", "--mode", "partition"],
+    ["--dataset", "mnist", "--param", "N", "--values", "5", "--mode", "partition",
+     "--n-clients", "5"],
+    ["--dataset", "har", "--param", "k", "--values", "1", "3"],
+])
+def test_a_sweep_checks_its_own_values_not_the_presets(args, tmp_path, no_loading):
+  with pytest.raises(AssertionError, match="data loaded"):  # past every check, to the data
+    call("sweep.py", args + ["--out", tmp_path / "sweep"])
 
 
 # ------------------------------------------------ refused after loading
@@ -281,6 +306,106 @@ def test_overwrite_replaces_only_with_the_flag(diverged, tmp_path):
   new = json.loads((out / "results.json").read_text())
   assert old["num_test"] == 40 and new["num_test"] == 30
   assert (out / "checkpoint").is_dir()  # files this run does not write stay
+
+
+@pytest.mark.parametrize("args,fragment", [
+    # A setting the checkpoint does not fingerprint still changes the results.
+    (["--test-size", "30"], "with other settings (--test-size 40 there, 30 now)"),
+    (["--no-baseline"], "with other settings (--baseline True there, False now)"),
+])
+def test_resuming_a_finished_run_never_replaces_its_results(diverged, tmp_path, args, fragment):
+  out = copy_run(diverged, tmp_path)
+  before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+  argv = DIVERGING + ["--har-data", "hapt", "--out", out, "--checkpoint"] + args
+  status, stdout, err = call("har.py", argv)
+  assert status == cli.EXIT_REFUSED and stdout == ""
+  line = only_error_line(err)
+  assert f"{out / '.' / 'results.json'} holds a finished run's results {fragment}" in line
+  assert "never replaced without --overwrite" in line
+  assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+  # With --overwrite it is replaced, as asked.
+  status, _, err = call("har.py", argv + ["--overwrite"])
+  assert status == cli.EXIT_NONFINITE, err
+  assert (out / "results.json").read_bytes() != before["results.json"]
+
+
+def _fail_with(code):
+  def fail(*args, **kwargs):
+    raise OSError(code, os.strerror(code))
+  return fail
+
+
+@pytest.mark.parametrize("code,remedy", [(errno.ENOSPC, "free space on that disk"),
+                                         (errno.EFBIG, "raise the file-size limit (ulimit -f)")])
+@pytest.mark.parametrize("where", ["chunk", "results.json", "predictions.npz", "plot",
+                                   "ensemble"])
+def test_a_refused_write_is_one_line_naming_the_path(diverged, tmp_path, monkeypatch, where,
+                                                     code, remedy):
+  out = copy_run(diverged, tmp_path)
+  before = (out / "results.json").read_bytes()
+  if where == "chunk":  # that chunk is trained again, and its write fails
+    (out / "checkpoint" / "ensemble" / "chunks" / "chunk_000001.npz").unlink()
+    monkeypatch.setattr(checkpoint, "_atomic_write", _fail_with(code))
+  elif where == "results.json":
+    monkeypatch.setattr(results, "write_json", _fail_with(code))
+  elif where == "predictions.npz":
+    monkeypatch.setattr(results.np, "savez_compressed", _fail_with(code))
+  elif where == "plot":
+    monkeypatch.setattr(plotting, "plot_curves", _fail_with(code))
+  else:
+    monkeypatch.setattr(deploy.np, "savez", _fail_with(code))
+  status, _, err = call("har.py", DIVERGING + ["--har-data", "hapt", "--out", out,
+                                               "--checkpoint", "--keep-nonfinite"])
+  assert status == cli.EXIT_WRITE_FAILED
+  line = last_error_line(err)
+  folder = out / "checkpoint" if where == "chunk" else out
+  assert line.startswith(f"error: {folder}: {os.strerror(code)}: {remedy}"), line
+  assert line.endswith(f"then rerun; finished chunks stay in {out / 'checkpoint'}: the rerun "
+                       "resumes from them")
+  assert (out / "results.json").read_bytes() == before  # what was in place stays whole
+  assert not [p for p in out.rglob("*") if p.name.startswith((".writing-", cli.CLAIM_NAME))]
+
+
+def test_overwrite_where_results_json_is_a_folder_is_one_line(diverged, tmp_path):
+  out = copy_run(diverged, tmp_path)
+  (out / "results.json").unlink()
+  (out / "results.json").mkdir()
+  status, _, err = call("har.py", DIVERGING + ["--har-data", "hapt", "--out", out,
+                                               "--checkpoint", "--overwrite"])
+  assert status == cli.EXIT_WRITE_FAILED
+  line = last_error_line(err)
+  assert "results.json" in line and "move that folder away, then rerun" in line
+  assert (out / "results.json").is_dir()
+
+
+@pytest.mark.parametrize("out", ["new", "new/deeper", "."])
+def test_two_runs_never_claim_one_output_folder(tmp_path, out):
+  folder = tmp_path / out
+  start, outcomes = threading.Barrier(8), []
+
+  def claim():
+    start.wait()
+    try:
+      outcomes.append(cli.prepare_out_dir(folder, "har"))
+    except ValueError as e:
+      outcomes.append(str(e))
+
+  threads = [threading.Thread(target=claim) for _ in range(8)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  won = [o for o in outcomes if isinstance(o, tuple)]
+  assert len(won) == 1
+  assert all("another run is writing into this folder now" in o
+             for o in outcomes if isinstance(o, str))
+  cli.release_out_dir(*won[0])
+  # A run killed with its claim held leaves the file, never the lock: the next run takes it.
+  folder.mkdir(parents=True, exist_ok=True)
+  (folder / cli.CLAIM_NAME).write_text("")
+  _, _, held = cli.prepare_out_dir(folder, "har")
+  held.release()
+  assert list(folder.iterdir()) == []
 
 
 @pytest.mark.parametrize("damage,fragment", [

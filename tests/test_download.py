@@ -7,6 +7,7 @@ The shared data folder is hidden (``paths.SHARED_DIRS = ()``) and HOME and
 XDG_CACHE_HOME are empty tmp folders: each test sees a fresh machine.
 """
 
+import fcntl
 import hashlib
 import http.server
 import io
@@ -455,3 +456,30 @@ def test_real_uci_labels_digest_matches_shared_labels():
   arrays["subject_test"][0] = 1  # subject 1 is a training subject
   with pytest.raises(ValueError, match=r"subjects \[1\] are in both"):
     har.check_uci_har(arrays, "leaky split")
+
+
+@pytest.mark.parametrize("outcome", ["verified", "refused"])
+def test_partial_files_of_a_killed_download_are_removed_next_time(server, tmp_path, outcome):
+  body = _blob()
+  server.files["/f.bin"] = body
+  folder = tmp_path / "c"
+  folder.mkdir()
+  stale = [folder / ".f.bin.k1ll3d_x.part", folder / ".f.bin.abcdefgh.part"]
+  kept = [folder / ".g.bin.abcdefgh.part",   # another file's partial download
+          folder / "f.bin.part",              # not a name fetch gives
+          folder / ".f.bin.abcdefgh.part.bak", folder / "notes.txt"]
+  live = folder / ".f.bin.l1vel1ve.part"      # a download still running holds its lock
+  for path in stale + kept + [live]:
+    path.write_bytes(b"partial")
+  holder = os.open(live, os.O_RDONLY)
+  fcntl.flock(holder, fcntl.LOCK_EX)
+  try:
+    digest = hashlib.sha256(body if outcome == "verified" else b"other").hexdigest()
+    try:
+      download.fetch([server.url + "/f.bin"], folder / "f.bin", sha256=digest)
+    except download.DownloadError:
+      assert outcome == "refused"
+  finally:
+    os.close(holder)
+  want = sorted([p.name for p in kept + [live]] + (["f.bin"] if outcome == "verified" else []))
+  assert _leftovers(folder) == want

@@ -200,11 +200,29 @@ def test_partition_hash_is_the_documented_splitmix64():
     (dict(mode="partition", n=5, num_models=4, replicas=0), "replicas"),
     (dict(mode="bagging", n=5, k=2), "mode"),
     (dict(mode="exact", n=0, k=1), "n must be"),
+    # Sizes that cannot fit: refused up front, naming the limit, not aborted in XLA.
+    (dict(mode="monte_carlo", n=10, k=2, num_models=10**12),
+     rf"num_models = {10**12} exceeds {2**31 - 1} \(model indices are int32\)"),
+    (dict(mode="monte_carlo", n=10, k=2, num_models=2**31), "exceeds 2147483647"),
+    # An argument the mode does not use is refused, not dropped.
+    (dict(mode="partition", n=6, k=3, num_models=2), "k applies to exact and monte_carlo mode"),
+    (dict(mode="partition", n=6, k=1, num_models=2), "k applies to exact and monte_carlo mode"),
 ])
 def test_make_plan_rejects_bad_arguments(kwargs, match):
   mode = kwargs.pop("mode")
   with pytest.raises(ValueError, match=match):
     ensemble.make_plan(mode, **kwargs)
+
+
+@pytest.mark.parametrize("mode,kwargs", [("monte_carlo", dict(n=6, k=3, num_models=5, seed=2)),
+                                         ("exact", dict(n=5, k=2)),
+                                         ("partition", dict(n=9, num_models=6, replicas=2))])
+@pytest.mark.parametrize("scalar", [np.asarray, jax.numpy.asarray])
+def test_make_plan_takes_jax_and_numpy_scalars_alike(mode, kwargs, scalar):
+  want = ensemble.make_plan(mode, **kwargs)
+  got = ensemble.make_plan(mode, **{k: scalar(v) for k, v in kwargs.items()})
+  np.testing.assert_array_equal(got.subsets, want.subsets)
+  np.testing.assert_array_equal(got.keys, want.keys)
 
 
 # ------------------------------------------------------------------- training
@@ -449,3 +467,27 @@ def test_two_devices_give_the_same_models(tmp_path, mc_params):
   one = ensemble.train_ensemble(init_fn, apply_fn, make_clients(), single, CONFIG)
   for i, leaf in enumerate(leaves(one)):
     np.testing.assert_array_equal(two[f"single_{i}"], leaf)
+
+
+@pytest.mark.parametrize("lr,diverges", [(CONFIG.lr, False), (1e30, True)])
+@pytest.mark.parametrize("policy", ["warn", "raise", "ignore"])
+def test_train_ensemble_reports_models_that_diverge(clients, mc_plan, lr, diverges, policy):
+  config = FedAvgConfig(**{**CONFIG.__dict__, "lr": lr})
+  train = lambda **kw: ensemble.train_ensemble(init_fn, apply_fn, clients, mc_plan, config,
+                                               chunk_size=7, **kw)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    if diverges and policy == "raise":
+      with pytest.raises(ValueError, match="of 7 models ended training with NaN or inf"):
+        train(nonfinite=policy)
+      return
+    params = train(**({} if policy == "warn" else {"nonfinite": policy}))  # warn: the default
+  bad = ensemble.nonfinite_models(params)
+  assert (bad.size > 0) == diverges
+  said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+  want = ([f"{bad.size} of 7 models ended training with NaN or inf parameters (models "
+           f"{', '.join(map(str, bad.tolist()))}); they diverged (a smaller learning rate may "
+           "help)"] if diverges and policy == "warn" else [])
+  assert said == want
+  with pytest.raises(ValueError, match="nonfinite must be one of"):
+    train(nonfinite="loud")

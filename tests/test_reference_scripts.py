@@ -104,3 +104,19 @@ def test_vote_shares_match_a_loop(num_models, d, seed):
 def test_vote_shares_names_a_folder_that_is_not_a_run(tmp_path):
   with pytest.raises(SystemExit, match="no predictions.npz"):
     _load("vote_shares").main([str(tmp_path)])
+
+
+@pytest.mark.parametrize("argv,status,stream,fragment", [
+    (["--help"], 0, "out", "usage: experiments/reference/compare.py"),
+    (["--out", "x"], 2, "err", "error: unrecognized arguments: --out x"),
+    (["mnist"], 2, "err", "error: unrecognized arguments: mnist"),
+])
+def test_compare_takes_no_arguments_and_writes_nothing_when_given_some(
+    argv, status, stream, fragment, tmp_path, capsys, monkeypatch):
+  compare = _load("compare")
+  monkeypatch.setattr(compare, "HERE", tmp_path)
+  with pytest.raises(SystemExit) as exit_info:
+    compare.main(argv)
+  assert exit_info.value.code == status
+  assert fragment in getattr(capsys.readouterr(), stream)
+  assert list(tmp_path.iterdir()) == []

@@ -15,9 +15,11 @@ were tried, why each failed, and how to pre-seed the cache by hand.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import http.client
 import os
+import re
 import sys
 import tempfile
 import urllib.error
@@ -105,6 +107,45 @@ def _reason(err: BaseException, timeout: float) -> str:
   return one_line(err) or type(err).__name__
 
 
+def _partial_name(dest: Path) -> re.Pattern:
+  """The names :func:`fetch`'s temporary files of ``dest`` get (mkstemp's 8 characters)."""
+  return re.compile(re.escape(f".{dest.name}.") + r"[a-z0-9_]{8}" + re.escape(".part"))
+
+
+def remove_stale_partials(dest: Path) -> list[Path]:
+  """Removes the partial files a killed download of ``dest`` left, never anything else.
+
+  A file is stale when its name is one :func:`fetch` gives ``dest``'s
+  temporary file and no process holds its lock (a live download holds it
+  until it ends; the kernel drops it when the process dies).
+
+  Returns:
+    The files removed.
+  """
+  pattern, removed = _partial_name(dest), []
+  try:
+    names = os.listdir(dest.parent)
+  except OSError:
+    return removed
+  for name in names:
+    path = dest.parent / name
+    if not pattern.fullmatch(name) or path.is_symlink() or not path.is_file():
+      continue
+    try:
+      fd = os.open(path, os.O_RDONLY)
+    except OSError:
+      continue
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      path.unlink()
+      removed.append(path)
+    except OSError:  # locked: a live download's; or already gone
+      pass
+    finally:
+      os.close(fd)
+  return removed
+
+
 def fetch(
     urls: Sequence[str],
     dest: str | os.PathLike,
@@ -123,7 +164,8 @@ def fetch(
   (no answer within ``timeout`` seconds, refused connection, HTTP error), a
   body shorter than ``Content-Length`` (or ``size``), a SHA-256 not among
   ``sha256``, or an exception from ``validate``; its temporary file is then
-  deleted and the next URL is tried.
+  deleted and the next URL is tried. Partial files of ``dest`` that a killed
+  download left are removed first (:func:`remove_stale_partials`).
 
   Args:
     urls: the mirrors' full URLs of this one file.
@@ -157,6 +199,7 @@ def fetch(
   except OSError as err:
     raise ValueError(f"cannot create the data folder {dest.parent} "
                      f"({err.strerror or err}); set $ENSEMBLE_FL_DATA to a writable folder") from err
+  remove_stale_partials(dest)
   failures = []
   for url in urls:
     stream.write(f"downloading {url} into {dest.parent}\n")
@@ -166,6 +209,9 @@ def fetch(
       raise ValueError(f"cannot write into the data folder {dest.parent} "
                        f"({err.strerror or err}); set $ENSEMBLE_FL_DATA to a writable folder") from err
     tmp = Path(tmp_name)
+    # Held until the file is renamed or deleted: marks it as a live download's.
+    lock = os.open(tmp, os.O_RDONLY)
+    fcntl.flock(lock, fcntl.LOCK_EX)
     try:
       with os.fdopen(fd, "wb") as out:
         digest = _stream_to(url, out, size=size, timeout=timeout, desc=what, stream=stream)
@@ -179,6 +225,7 @@ def fetch(
       failures.append(f"{url} ({_reason(err, timeout)})")
     finally:
       tmp.unlink(missing_ok=True)  # after os.replace the name is gone: a no-op
+      os.close(lock)
   tried = "; ".join(failures) if failures else "no URL given"
   raise DownloadError(one_line(f"could not download {what} into {dest.parent}: tried "
                                f"{tried}. {offline_hint}"))

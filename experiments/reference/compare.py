@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from ensemble_fl import plotting
+from ensemble_fl.cli import ArgumentParser
 
 HERE = Path(__file__).resolve().parent
 
@@ -131,7 +132,11 @@ def paper_table(dataset: str) -> None:
         points=points, title=f"{paper['title']}: the paper's stated values and our runs")
 
 
-def main():
+def main(argv=None):
+  """Takes no arguments: ``--help`` prints the usage, anything else is refused
+  (one ``error:`` line, exit status 2), before any figure is written."""
+  ArgumentParser(prog="experiments/reference/compare.py",
+                 description=__doc__.split("\n\n")[0]).parse_args(argv)
   for dataset in PLANS:
     plans_table(dataset)
   for dataset in VS_PAPER:
