@@ -561,61 +561,162 @@ def _certify_partition(counts, num_models):
           top_count / num_models, runner_up / num_models)
 
 
-# (inputs x labels x clients) cells per block of the deterministic mode.
+# (inputs x labels x clients) cells per block of the deterministic modes.
 _DETERMINISTIC_BLOCK_CELLS = 2**23
+
+
+def _memberships(subsets: np.ndarray, n: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """The plan as (model, client) memberships.
+
+  Returns:
+    (rows int64 [E], clients int64 [E], degree int64 [n], touched int64 [n]):
+    entry e says client clients[e] trains model rows[e]; degree[i] = number
+    of models of client i; touched[m - 1] = D_m, the sum of the m largest
+    degrees, an upper bound on the models any m clients touch.
+  """
+  rows, slots = np.nonzero(subsets >= 0)
+  clients = subsets[rows, slots].astype(np.int64)
+  degree = np.bincount(clients, minlength=n)
+  touched = np.cumsum(np.sort(degree)[::-1])
+  return rows, clients, degree, touched
+
+
+def _client_votes(preds: np.ndarray, rows: np.ndarray, clients: np.ndarray,
+                  n: int, num_classes: int) -> np.ndarray:
+  """Per-client vote counts, by one bincount over the memberships.
+
+  Args:
+    preds: int [N, w], each model's vote on w inputs.
+    rows, clients: the memberships from `_memberships`.
+    n: number of clients.
+    num_classes: K.
+
+  Returns:
+    int64 [w, K, n]: out[t, c, i] = number of client i's models voting c on
+    input t (no [n, N] incidence product).
+  """
+  width = preds.shape[1]
+  cell = (np.arange(width)[None, :] * num_classes + preds[rows]) * n + (
+      clients[:, None])
+  return np.bincount(cell.ravel(), minlength=width * num_classes * n
+                     ).reshape(width, num_classes, n)
+
+
+def _client_marks(marks: np.ndarray, rows: np.ndarray, clients: np.ndarray,
+                  n: int) -> np.ndarray:
+  """Per-client counts of marked models.
+
+  Args:
+    marks: bool [N, w, R]: a yes/no of each model, input and row r.
+    rows, clients: the memberships from `_memberships`.
+    n: number of clients.
+
+  Returns:
+    int64 [w, R, n]: out[t, r, i] = number of client i's models j with
+    marks[j, t, r].
+  """
+  _, width, num_rows = marks.shape
+  entry, t, r = np.nonzero(marks[rows])
+  cell = (t * num_rows + r) * n + clients[entry]
+  return np.bincount(cell, minlength=width * num_rows * n).reshape(
+      width, num_rows, n)
+
+
+def _levels_from_costs(cost: np.ndarray, margins: np.ndarray,
+                       touched: np.ndarray) -> np.ndarray:
+  """The deterministic mode's two bounds on what m clients can spend.
+
+  A touched model moves a margin by at most 2, and a malicious set S spends
+  at most the total cost of the models it touches. S cannot overturn a
+  margin M >= 0 if either bound on that cost is <= M:
+
+  * per client: the sum of the m largest per-client costs (a client's cost
+    is the sum over its models; shared models are counted more than once);
+  * per model: 2 x D_m, the most models m clients can touch.
+
+  Both are nondecreasing in m, so each certifies a prefix of m.
+
+  Args:
+    cost: int [w, R, n]: cost[t, r, i] = total cost of client i's models
+      against margin (t, r).
+    margins: int64 [w, R].
+    touched: int64 [n], D_m at index m - 1 (from `_memberships`).
+
+  Returns:
+    int64 [w, R]: the largest m <= n that either bound certifies; -1 where
+    the margin is already negative (lost with no malicious client).
+  """
+  neg_cost = -cost  # small dtypes sort faster: see `_cost_dtype`
+  neg_cost.sort(axis=-1)  # largest costs first
+  spent = np.cumsum(neg_cost, axis=-1, dtype=np.int64)  # -(top-m sums)
+  by_clients = np.sum(spent >= -margins[:, :, None], axis=-1)
+  by_models = np.searchsorted(touched, margins // 2, side="right")
+  return np.where(margins < 0, NOT_CERTIFIED,
+                  np.maximum(by_clients, by_models)).astype(np.int64)
+
+
+def _cost_dtype(degree: np.ndarray):
+  """int16 when every client cost (at most 2 x its degree) fits, else int32."""
+  return np.int16 if 2 * int(degree.max(initial=0)) < 2**15 else np.int32
+
+
+def _block_size(num_rows: int, n: int) -> int:
+  """Inputs per block so a [w, R, n] cost table stays bounded."""
+  return max(1, _DETERMINISTIC_BLOCK_CELLS // (num_rows * n))
+
+
+def _plurality_levels(preds: np.ndarray, label: np.ndarray,
+                      margins: np.ndarray, subsets: np.ndarray, n: int
+                      ) -> np.ndarray:
+  """Level of `label` against every rival in the plurality vote of a plan.
+
+  Against rival c, a touched model costs the margin N_x - N_c - [c < x] 2 if
+  it voted x = label[t], 1 if it voted neither x nor c, 0 if it voted c.
+
+  Args:
+    preds: int [N, d], each model's vote.
+    label: int [d], the label x defended on each input.
+    margins: int64 [d, K], N_x - N_c - [c < x] (huge at c = x).
+    subsets: int [N, s] client ids, -1 pads.
+    n: number of clients.
+
+  Returns:
+    int64 [d, K]: for each rival c, the largest m such that no m clients can
+    make c precede x (capped at n; huge margins give n); -1 where c already
+    precedes x.
+  """
+  d = preds.shape[1]
+  num_classes = margins.shape[1]
+  rows, clients, degree, touched = _memberships(subsets, n)
+  levels = np.empty((d, num_classes), np.int64)
+  block = _block_size(num_classes, n)
+  for start in range(0, d, block):
+    stop = min(d, start + block)
+    width = stop - start
+    # votes[t, c, i] = number of client i's models voting c on input t.
+    votes = _client_votes(preds[:, start:stop], rows, clients, n, num_classes
+                          ).astype(_cost_dtype(degree))
+    for_x = votes[np.arange(width), label[start:stop]]  # [width, n]
+    # 2 per model voting x, 1 per model voting neither, 0 per model voting c.
+    cost = (for_x + degree[None, :].astype(votes.dtype))[:, None, :] - votes
+    levels[start:stop] = _levels_from_costs(cost, margins[start:stop],
+                                            touched)
+  return levels
 
 
 def _certify_deterministic(preds, counts, subsets, n):
   """The deployed vote of models trained on arbitrary client subsets.
 
-  Against rival c, a touched model costs the margin N_y - N_c - [c < y] 2 if
-  it voted y, 1 if it voted neither y nor c, 0 if it voted c; a malicious
-  set S costs at most the total cost of the models it touches. Two upper
-  bounds on that cost, both nondecreasing in |S| = m, so the level is
-  min over c of the largest m either one certifies:
-
-  * per client: the sum of the m largest per-client costs (a client's cost
-    is the sum over its models; shared models are counted more than once);
-  * per model: 2 x (the number of models the m clients of largest degree
-    can touch, at most the sum of their degrees).
-
-  On disjoint groups the second is exactly the partition level.
+  The level is min over rivals c of the largest m either bound of
+  `_levels_from_costs` certifies. On disjoint groups the per-model bound is
+  exactly the partition level.
   """
-  num_models, d = preds.shape
-  num_classes = counts.shape[1]
+  num_models = preds.shape[0]
   top = np.argmax(counts, axis=1)  # ties toward the smaller label
   top_count, runner_up = _top_two(counts, top)
   margins = _margins(counts, top)  # [d, K], >= 0
-  rows, slots = np.nonzero(subsets >= 0)
-  clients = subsets[rows, slots]  # one (model, client) membership per entry
-  degree = np.bincount(clients, minlength=n)  # models per client
-  # Per-model bound: the m highest-degree clients touch <= D_m models.
-  touched = np.cumsum(np.sort(degree)[::-1])
-  by_models = np.searchsorted(touched, margins // 2, side="right")
-  by_clients = np.empty((d, num_classes), np.int64)
-  # A client's cost is at most 2 * its degree; small costs sort faster.
-  cost_dtype = np.int16 if 2 * int(degree.max(initial=0)) < 2**15 else np.int32
-  block = max(1, _DETERMINISTIC_BLOCK_CELLS // (num_classes * n))
-  for start in range(0, d, block):
-    stop = min(d, start + block)
-    width = stop - start
-    # votes[t, c, i] = number of client i's models that vote c on input t:
-    # one bincount over the memberships, no [n, N] incidence product.
-    cell = (np.arange(width)[None, :] * num_classes + preds[rows, start:stop]
-            ) * n + clients[:, None]
-    votes = np.bincount(cell.ravel(), minlength=width * num_classes * n
-                        ).reshape(width, num_classes, n).astype(cost_dtype)
-    for_top = votes[np.arange(width), top[start:stop]]  # [width, n]
-    # Client i's cost against c: 2 per model voting y, 1 per model voting
-    # neither, 0 per model voting c = for_top + degree - votes[c]. Sorting
-    # the negated costs puts the largest first; their running sums are the
-    # negated top-m sums.
-    neg_cost = votes - (for_top + degree[None, :])[:, None, :]
-    neg_cost.sort(axis=-1)
-    spent = np.cumsum(neg_cost, axis=-1, dtype=np.int32)
-    by_clients[start:stop] = np.sum(
-        spent >= -margins[start:stop, :, None], axis=-1)
-  levels = np.maximum(by_clients, by_models).min(axis=1)
+  levels = _plurality_levels(preds, top, margins, subsets, n).min(axis=1)
   return (top, top_count, runner_up, top.copy(), levels, top_count / num_models,
           runner_up / num_models)
 
