@@ -978,18 +978,15 @@ def brute_force_runoff_level(ranks, subsets, n):
   return n
 
 
-def random_rankings(rng, num_models, d, num_classes, noise):
-  """int [N, d, K]: each input has a ranking that every model copies, with
-  each adjacent pair swapped with probability `noise`, so levels vary."""
+def random_rankings(rng, num_models, d, num_classes, types=3):
+  """int [N, d, K]: on each input every model draws its ballot from a few
+  random rankings with Dirichlet weights: split first rounds whose voters
+  agree on their second choices, where the two rounds differ most."""
   out = np.empty((num_models, d, num_classes), np.int64)
   for t in range(d):
-    base = rng.permutation(num_classes)
-    for j in range(num_models):
-      r = base.copy()
-      for i in rng.permutation(num_classes - 1):
-        if rng.random() < noise:
-          r[i], r[i + 1] = r[i + 1], r[i]
-      out[j, t] = r
+    pool = [rng.permutation(num_classes) for _ in range(types)]
+    pick = rng.choice(types, num_models, p=rng.dirichlet(np.ones(types)))
+    out[:, t] = np.array(pool)[pick]
   return out
 
 
@@ -998,15 +995,17 @@ def certify_runoff(ranks, subsets, n):
                       mode="runoff", subsets=subsets, rankings=ranks)
 
 
-@pytest.mark.parametrize("seed", range(16))
+@pytest.mark.parametrize("seed", range(30))
 def test_runoff_is_sound_by_brute_force(seed):
   rng = np.random.default_rng(100 + seed)
   n = int(rng.integers(3, 8))
-  num_models = int(rng.integers(1, 8))
+  num_models = int(rng.integers(3, 12))
   num_classes = int(rng.integers(2, 5))
   subsets = random_subsets(rng, n, num_models, int(rng.integers(1, 3)))
+  if seed % 2 == 0:  # disjoint models, whose levels are larger
+    n, subsets = num_models, np.arange(num_models)[:, None]
   ranks = random_rankings(rng, num_models, 12, num_classes,
-                          float(rng.uniform(0.2, 0.7)))
+                          int(rng.integers(2, 5)))
   c = certify_runoff(ranks, subsets, n)
   ref = [ref_runoff(ranks[:, t]) for t in range(12)]
   np.testing.assert_array_equal(c.labels, [w for _, _, w in ref])
@@ -1022,8 +1021,8 @@ def test_runoff_brute_force_is_not_vacuous():
   rng = np.random.default_rng(7)
   hits = tight = 0
   for _ in range(6):
-    subsets = random_subsets(rng, 6, 5, 2)
-    ranks = random_rankings(rng, 5, 10, 3, 0.3)
+    subsets = random_subsets(rng, 6, 9, 1)
+    ranks = random_rankings(rng, 9, 10, 3)
     c = certify_runoff(ranks, subsets, 6)
     truth = np.array([brute_force_runoff_level(ranks[:, t], subsets, 6)
                       for t in range(10)])
@@ -1038,7 +1037,7 @@ def test_runoff_with_two_labels_is_the_deterministic_level(seed):
   """With K = 2 both rounds are the plain vote, and both bounds coincide."""
   rng = np.random.default_rng(seed)
   subsets = random_subsets(rng, 12, 9, 4)
-  ranks = random_rankings(rng, 9, 50, 2, 0.3)
+  ranks = random_rankings(rng, 9, 50, 2)
   run = certify_runoff(ranks, subsets, 12)
   det = cert.certify(ranks[..., 0], num_classes=2, n=12,
                      mode="deterministic", subsets=subsets)
@@ -1060,6 +1059,19 @@ def test_runoff_certifies_a_split_first_round():
   assert run.labels[0] == det.labels[0] == 0
   assert det.levels[0] == 0 and run.levels[0] == 1
   assert brute_force_runoff_level(ranks[:, 0], subsets, 9) == 1
+
+
+def test_runoff_winner_must_stay_a_finalist():
+  """10 disjoint models: 4 vote 0, 3 vote 1, 3 vote 2, all rank 0 second.
+  Round 2 alone (0 wins 7-3 against either) would certify 2 clients, but 2
+  clients moving two 0-votes to 1 and 2 (2-4-4) knock 0 out in round 1; 1
+  client cannot (3-4-3: 0 precedes 2 on the tie), so the truth is 1. The
+  finalist bound (both 0-vs-c margins are 1) certifies 0."""
+  ballots = [[0, 1, 2]] * 4 + [[1, 0, 2]] * 3 + [[2, 0, 1]] * 3
+  ranks = np.array(ballots)[:, None, :]
+  subsets = np.arange(10)[:, None]
+  assert brute_force_runoff_level(ranks[:, 0], subsets, 10) == 1
+  assert certify_runoff(ranks, subsets, 10).levels[0] == 0
 
 
 def test_runoff_winner_can_be_round_one_runner_up():
