@@ -72,7 +72,10 @@ from ensemble_fl._arrays import as_array, as_scalar, check_subsets
 
 Fraction = fractions.Fraction
 
+# The plurality-vote modes (what a run's config may choose).
 MODES = ("exact", "monte_carlo", "partition", "deterministic")
+# The two-round vote of ranked ballots, deterministic for any plan.
+RUNOFF = "runoff"
 BOUNDS = ("complement", "top_two")
 
 ABSTAIN = -1
@@ -116,7 +119,9 @@ class Certificate:
       computed from its exact rational value.
     p_upper: float64 [d]. The upper bound on the runner-up's probability,
       for information only.
-    mode: "exact", "monte_carlo", "partition" or "deterministic".
+    mode: "exact", "monte_carlo", "partition", "deterministic" or "runoff"
+      (where `labels` is the two-round winner, `top_labels` and the counts
+      are round 1's).
     n: number of clients (None in partition mode, where it is not used).
     k: subsample size (exact and Monte Carlo modes, else None).
     alpha: confidence parameter (Monte Carlo mode only, else None).
@@ -166,6 +171,14 @@ class Certificate:
           f"vote is covered only if the attacker cannot choose clients "
           f"after seeing the plan (keep the plan seed secret); for a public "
           f"plan use mode 'deterministic'.")
+    if self.mode == RUNOFF:
+      return (f"Certifies the deployed two-round vote of the "
+              f"{self.num_models} models of the given client subsets "
+              f"(round 1: the two most voted labels; round 2: each model "
+              f"votes the finalist it ranks higher; ties toward the smaller "
+              f"label), deterministically (no probability): on each input "
+              f"the winner is unchanged by {attack}, and whose models may "
+              f"vote anything in each round, for every m <= level.")
     models = {"exact": f"the C({self.n}, {self.k}) = {self.num_models} "
                        "models, one per k-subset",
               "partition": f"the {self.num_models} models trained on disjoint "
@@ -563,62 +576,299 @@ def _certify_partition(counts, num_models):
           top_count / num_models, runner_up / num_models)
 
 
-# (inputs x labels x clients) cells per block of the deterministic mode.
+# (inputs x labels x clients) cells per block of the deterministic modes.
 _DETERMINISTIC_BLOCK_CELLS = 2**23
+
+
+def _memberships(subsets: np.ndarray, n: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """The plan as (model, client) memberships.
+
+  Returns:
+    (rows int64 [E], clients int64 [E], degree int64 [n], touched int64 [n]):
+    entry e says client clients[e] trains model rows[e]; degree[i] = number
+    of models of client i; touched[m - 1] = D_m, the sum of the m largest
+    degrees, an upper bound on the models any m clients touch.
+  """
+  rows, slots = np.nonzero(subsets >= 0)
+  clients = subsets[rows, slots].astype(np.int64)
+  degree = np.bincount(clients, minlength=n)
+  touched = np.cumsum(np.sort(degree)[::-1])
+  return rows, clients, degree, touched
+
+
+def _client_votes(preds: np.ndarray, rows: np.ndarray, clients: np.ndarray,
+                  n: int, num_classes: int) -> np.ndarray:
+  """Per-client vote counts, by one bincount over the memberships.
+
+  Args:
+    preds: int [N, w], each model's vote on w inputs.
+    rows, clients: the memberships from `_memberships`.
+    n: number of clients.
+    num_classes: K.
+
+  Returns:
+    int64 [w, K, n]: out[t, c, i] = number of client i's models voting c on
+    input t (no [n, N] incidence product).
+  """
+  width = preds.shape[1]
+  cell = (np.arange(width)[None, :] * num_classes + preds[rows]) * n + (
+      clients[:, None])
+  return np.bincount(cell.ravel(), minlength=width * num_classes * n
+                     ).reshape(width, num_classes, n)
+
+
+def _client_marks(marks: np.ndarray, rows: np.ndarray, clients: np.ndarray,
+                  n: int) -> np.ndarray:
+  """Per-client counts of marked models.
+
+  Args:
+    marks: bool [N, w, R]: a yes/no of each model, input and row r.
+    rows, clients: the memberships from `_memberships`.
+    n: number of clients.
+
+  Returns:
+    int64 [w, R, n]: out[t, r, i] = number of client i's models j with
+    marks[j, t, r].
+  """
+  _, width, num_rows = marks.shape
+  entry, t, r = np.nonzero(marks[rows])
+  cell = (t * num_rows + r) * n + clients[entry]
+  return np.bincount(cell, minlength=width * num_rows * n).reshape(
+      width, num_rows, n)
+
+
+def _levels_from_costs(cost: np.ndarray, margins: np.ndarray,
+                       touched: np.ndarray) -> np.ndarray:
+  """The deterministic mode's two bounds on what m clients can spend.
+
+  A touched model moves a margin by at most 2, and a malicious set S spends
+  at most the total cost of the models it touches. S cannot overturn a
+  margin M >= 0 if either bound on that cost is <= M:
+
+  * per client: the sum of the m largest per-client costs (a client's cost
+    is the sum over its models; shared models are counted more than once);
+  * per model: 2 x D_m, the most models m clients can touch.
+
+  Both are nondecreasing in m, so each certifies a prefix of m.
+
+  Args:
+    cost: int [w, R, n]: cost[t, r, i] = total cost of client i's models
+      against margin (t, r).
+    margins: int64 [w, R].
+    touched: int64 [n], D_m at index m - 1 (from `_memberships`).
+
+  Returns:
+    int64 [w, R]: the largest m <= n that either bound certifies; -1 where
+    the margin is already negative (lost with no malicious client).
+  """
+  neg_cost = -cost  # small dtypes sort faster: see `_cost_dtype`
+  neg_cost.sort(axis=-1)  # largest costs first
+  spent = np.cumsum(neg_cost, axis=-1, dtype=np.int64)  # -(top-m sums)
+  by_clients = np.sum(spent >= -margins[:, :, None], axis=-1)
+  by_models = np.searchsorted(touched, margins // 2, side="right")
+  return np.where(margins < 0, NOT_CERTIFIED,
+                  np.maximum(by_clients, by_models)).astype(np.int64)
+
+
+def _cost_dtype(degree: np.ndarray):
+  """int16 when every client cost (at most 2 x its degree) fits, else int32."""
+  return np.int16 if 2 * int(degree.max(initial=0)) < 2**15 else np.int32
+
+
+def _block_size(num_rows: int, n: int) -> int:
+  """Inputs per block so a [w, R, n] cost table stays bounded."""
+  return max(1, _DETERMINISTIC_BLOCK_CELLS // (num_rows * n))
+
+
+def _plurality_levels(preds: np.ndarray, label: np.ndarray,
+                      margins: np.ndarray, subsets: np.ndarray, n: int
+                      ) -> np.ndarray:
+  """Level of `label` against every rival in the plurality vote of a plan.
+
+  Against rival c, a touched model costs the margin N_x - N_c - [c < x] 2 if
+  it voted x = label[t], 1 if it voted neither x nor c, 0 if it voted c.
+
+  Args:
+    preds: int [N, d], each model's vote.
+    label: int [d], the label x defended on each input.
+    margins: int64 [d, K], N_x - N_c - [c < x] (huge at c = x).
+    subsets: int [N, s] client ids, -1 pads.
+    n: number of clients.
+
+  Returns:
+    int64 [d, K]: for each rival c, the largest m such that no m clients can
+    make c precede x (capped at n; huge margins give n); -1 where c already
+    precedes x.
+  """
+  d = preds.shape[1]
+  num_classes = margins.shape[1]
+  rows, clients, degree, touched = _memberships(subsets, n)
+  levels = np.empty((d, num_classes), np.int64)
+  block = _block_size(num_classes, n)
+  for start in range(0, d, block):
+    stop = min(d, start + block)
+    width = stop - start
+    # votes[t, c, i] = number of client i's models voting c on input t.
+    votes = _client_votes(preds[:, start:stop], rows, clients, n, num_classes
+                          ).astype(_cost_dtype(degree))
+    for_x = votes[np.arange(width), label[start:stop]]  # [width, n]
+    # 2 per model voting x, 1 per model voting neither, 0 per model voting c.
+    cost = (for_x + degree[None, :].astype(votes.dtype))[:, None, :] - votes
+    levels[start:stop] = _levels_from_costs(cost, margins[start:stop],
+                                            touched)
+  return levels
 
 
 def _certify_deterministic(preds, counts, subsets, n):
   """The deployed vote of models trained on arbitrary client subsets.
 
-  Against rival c, a touched model costs the margin N_y - N_c - [c < y] 2 if
-  it voted y, 1 if it voted neither y nor c, 0 if it voted c; a malicious
-  set S costs at most the total cost of the models it touches. Two upper
-  bounds on that cost, both nondecreasing in |S| = m, so the level is
-  min over c of the largest m either one certifies:
-
-  * per client: the sum of the m largest per-client costs (a client's cost
-    is the sum over its models; shared models are counted more than once);
-  * per model: 2 x (the number of models the m clients of largest degree
-    can touch, at most the sum of their degrees).
-
-  On disjoint groups the second is exactly the partition level.
+  The level is min over rivals c of the largest m either bound of
+  `_levels_from_costs` certifies. On disjoint groups the per-model bound is
+  exactly the partition level.
   """
-  num_models, d = preds.shape
-  num_classes = counts.shape[1]
+  num_models = preds.shape[0]
   top = np.argmax(counts, axis=1)  # ties toward the smaller label
   top_count, runner_up = _top_two(counts, top)
   margins = _margins(counts, top)  # [d, K], >= 0
-  rows, slots = np.nonzero(subsets >= 0)
-  clients = subsets[rows, slots]  # one (model, client) membership per entry
-  degree = np.bincount(clients, minlength=n)  # models per client
-  # Per-model bound: the m highest-degree clients touch <= D_m models.
-  touched = np.cumsum(np.sort(degree)[::-1])
-  by_models = np.searchsorted(touched, margins // 2, side="right")
-  by_clients = np.empty((d, num_classes), np.int64)
-  # A client's cost is at most 2 * its degree; small costs sort faster.
-  cost_dtype = np.int16 if 2 * int(degree.max(initial=0)) < 2**15 else np.int32
-  block = max(1, _DETERMINISTIC_BLOCK_CELLS // (num_classes * n))
+  levels = _plurality_levels(preds, top, margins, subsets, n).min(axis=1)
+  return (top, top_count, runner_up, top.copy(), levels, top_count / num_models,
+          runner_up / num_models)
+
+
+def _check_rankings(rankings, preds: np.ndarray, num_classes: int
+                    ) -> np.ndarray:
+  """Validates int [N, d, K] per-model label rankings against the votes."""
+  ranks = as_array("rankings", rankings)
+  want = (*preds.shape, num_classes)
+  if ranks.shape != want:
+    raise ValueError(f"rankings must have shape {want} [N, d, num_classes], "
+                     f"got {ranks.shape}")
+  if not np.issubdtype(ranks.dtype, np.integer):
+    raise ValueError(f"rankings must have an integer dtype, got {ranks.dtype}")
+  if not np.array_equal(np.sort(ranks, axis=-1),
+                        np.broadcast_to(np.arange(num_classes), ranks.shape)):
+    raise ValueError("every rankings[j, t] must be a permutation of "
+                     f"range({num_classes})")
+  if not np.array_equal(ranks[..., 0], preds):
+    raise ValueError("predictions must be each model's first-ranked label, "
+                     "rankings[..., 0]")
+  return ranks.astype(np.int64)
+
+
+def _prefers(position: np.ndarray, label: np.ndarray) -> np.ndarray:
+  """bool [N, d, K]: model j ranks label[t] above c on input t."""
+  rows = np.arange(position.shape[1])
+  return position[:, rows, label][:, :, None] < position
+
+
+def runoff_vote(rankings, num_classes: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The two-round vote of N ranked ballots.
+
+  Round 1: every model votes its first-ranked label; the finalists are the
+  two most voted labels, ties toward the smaller label (a first, then b).
+  Round 2: every model votes for the finalist it ranks higher; a wins iff
+  P_a - P_b - [b < a] >= 0 (ties toward the smaller label).
+
+  Args:
+    rankings: int [N, d, K]: rankings[j, t] lists the labels from model j's
+      most to least preferred on input t (a permutation of range(K)).
+    num_classes: K, >= 2.
+
+  Returns:
+    (a int64 [d], b int64 [d], winner int64 [d]).
+  """
+  ranks = np.asarray(rankings)
+  counts = vote_counts(ranks[..., 0], num_classes)
+  position = np.argsort(ranks, axis=-1)
+  return _runoff(counts, position)
+
+
+def _runoff(counts: np.ndarray, position: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(a, b, winner) from round-1 counts [d, K] and positions [N, d, K]."""
+  a, b = _finalists(counts)
+  rows = np.arange(counts.shape[0])
+  num_models = position.shape[0]
+  for_a = np.sum(position[:, rows, a] < position[:, rows, b], axis=0)
+  a_wins = 2 * for_a - num_models - (b < a) >= 0
+  return a, b, np.where(a_wins, a, b)
+
+
+def _finalists(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The two most voted labels, ties toward the smaller label."""
+  a = np.argmax(counts, axis=1)
+  others = counts.copy()
+  others[np.arange(counts.shape[0]), a] = -1
+  return a, np.argmax(others, axis=1)
+
+
+def _pairwise_levels(prefer: np.ndarray, margins: np.ndarray,
+                     subsets: np.ndarray, n: int) -> np.ndarray:
+  """Level of w against every rival c in the pairwise vote w-vs-c.
+
+  A touched model costs the margin 2 if it ranked w above c, else 0.
+
+  Args:
+    prefer: bool [N, d, K], model j ranks w above c (False at c = w).
+    margins: int64 [d, K], Q_c - (N - Q_c) - [c < w] (huge at c = w).
+    subsets: int [N, s] client ids, -1 pads.
+    n: number of clients.
+
+  Returns:
+    int64 [d, K], as `_plurality_levels`.
+  """
+  d, num_classes = margins.shape
+  rows, clients, degree, touched = _memberships(subsets, n)
+  levels = np.empty((d, num_classes), np.int64)
+  block = _block_size(num_classes, n)
   for start in range(0, d, block):
     stop = min(d, start + block)
-    width = stop - start
-    # votes[t, c, i] = number of client i's models that vote c on input t:
-    # one bincount over the memberships, no [n, N] incidence product.
-    cell = (np.arange(width)[None, :] * num_classes + preds[rows, start:stop]
-            ) * n + clients[:, None]
-    votes = np.bincount(cell.ravel(), minlength=width * num_classes * n
-                        ).reshape(width, num_classes, n).astype(cost_dtype)
-    for_top = votes[np.arange(width), top[start:stop]]  # [width, n]
-    # Client i's cost against c: 2 per model voting y, 1 per model voting
-    # neither, 0 per model voting c = for_top + degree - votes[c]. Sorting
-    # the negated costs puts the largest first; their running sums are the
-    # negated top-m sums.
-    neg_cost = votes - (for_top + degree[None, :])[:, None, :]
-    neg_cost.sort(axis=-1)
-    spent = np.cumsum(neg_cost, axis=-1, dtype=np.int32)
-    by_clients[start:stop] = np.sum(
-        spent >= -margins[start:stop, :, None], axis=-1)
-  levels = np.maximum(by_clients, by_models).min(axis=1)
-  return (top, top_count, runner_up, top.copy(), levels, top_count / num_models,
+    marks = _client_marks(prefer[:, start:stop], rows, clients, n)
+    cost = 2 * marks.astype(_cost_dtype(degree))
+    levels[start:stop] = _levels_from_costs(cost, margins[start:stop],
+                                            touched)
+  return levels
+
+
+def _certify_runoff(preds, counts, rankings, subsets, n):
+  """The deployed two-round vote of models trained on any client subsets.
+
+  With finalists a, b and winner w (`runoff_vote`), and L_x(c) the
+  plurality level of x against c (`_plurality_levels`), the level is
+
+    min( second smallest of L_w(c) over c != w,
+         min over c != w of max(R(c), L2(c)) ),
+
+  R(c) = min(L_a(c), L_b(c)) for c outside {a, b}, -1 for the other
+  finalist; L2(c) the level of w in the pairwise vote w-vs-c
+  (`_pairwise_levels`). See docs/ALGORITHM.md for the proof.
+  """
+  num_models = preds.shape[0]
+  d, num_classes = counts.shape
+  rows = np.arange(d)
+  position = np.argsort(rankings, axis=-1)
+  a, b, winner = _runoff(counts, position)
+  level_a = _plurality_levels(preds, a, _margins(counts, a), subsets, n)
+  level_b = _plurality_levels(preds, b, _margins(counts, b), subsets, n)
+  level_w = np.where((winner == a)[:, None], level_a, level_b)
+  # w stays a finalist unless two rivals come to precede it; the entry at
+  # c = w is n, the largest, so with K = 2 this is n.
+  stays = np.sort(level_w, axis=1)[:, 1]
+  # A third label c reaches round 2 only by overtaking a or b.
+  reach = np.minimum(level_a, level_b)
+  other = np.where(winner == a, b, a)
+  reach[rows, other] = NOT_CERTIFIED
+  prefer = _prefers(position, winner)  # [N, d, K]
+  for_w = prefer.sum(axis=0)  # [d, K]
+  handicap = np.arange(num_classes)[None, :] < winner[:, None]
+  margins2 = 2 * for_w - num_models - handicap
+  margins2[rows, winner] = np.iinfo(np.int64).max // 4
+  pairwise = _pairwise_levels(prefer, margins2, subsets, n)
+  levels = np.minimum(stays, np.maximum(reach, pairwise).min(axis=1))
+  top_count, runner_up = _top_two(counts, a)
+  return (a, top_count, runner_up, winner, levels, top_count / num_models,
           runner_up / num_models)
 
 
@@ -626,7 +876,7 @@ def certify(predictions, *, num_classes: int, n: Optional[int] = None,
             k: Optional[int] = None, alpha: Optional[float] = None,
             mode: str = "monte_carlo", seed: int = 0,
             selection_correction: bool = True, bound: str = "complement",
-            subsets=None) -> Certificate:
+            subsets=None, rankings=None) -> Certificate:
   """Predicted labels and certified security levels of an ensemble.
 
   Args:
@@ -641,7 +891,9 @@ def certify(predictions, *, num_classes: int, n: Optional[int] = None,
       (N independent subsets, Algorithm 2: certifies the idealised ensemble
       with probability 1 - alpha), "partition" (N disjoint client groups; n,
       k, alpha ignored) or "deterministic" (any `subsets`: certifies the
-      deployed vote). `Certificate.guarantee` says what each one proves.
+      deployed vote), or "runoff" (any `subsets` and `rankings`: certifies
+      the deployed two-round vote, `runoff_vote`). `Certificate.guarantee`
+      says what each one proves.
     seed: seeds the uniform tie-break among equal top counts (Monte Carlo).
     selection_correction: Monte Carlo mode only. True (default): bound each
       input at alpha / (2d), which accounts for the top label being selected
@@ -652,8 +904,11 @@ def certify(predictions, *, num_classes: int, n: Optional[int] = None,
       p_upper = 1 - p_lower. "top_two": p_upper = min(1 - p_lower, the
       runner-up's own Clopper-Pearson upper bound), every one of the 2K
       one-sided bounds at alpha / (2Kd); needs selection_correction=True.
-    subsets: deterministic mode only: int [N, s] client ids of each model
-      (-1 pads), e.g. `SubsamplePlan.subsets`.
+    subsets: deterministic and runoff modes only: int [N, s] client ids of
+      each model (-1 pads), e.g. `SubsamplePlan.subsets`.
+    rankings: runoff mode only: int [N, d, K], each model's labels from
+      most to least preferred on each input (`ensemble.predict_rankings`);
+      `predictions` must be rankings[..., 0].
 
   Returns:
     A `Certificate` with int64 [d] labels (-1 = ABSTAIN) and levels (-1 =
@@ -663,8 +918,9 @@ def certify(predictions, *, num_classes: int, n: Optional[int] = None,
     ValueError: on a malformed tensor or subsets, an unknown mode or bound,
       or bad n, k, alpha.
   """
-  if not isinstance(mode, str) or mode not in MODES:
-    raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+  if not isinstance(mode, str) or mode not in MODES + (RUNOFF,):
+    raise ValueError(f"unknown mode {mode!r}; expected one of "
+                     f"{MODES + (RUNOFF,)}")
   if not isinstance(bound, str) or bound not in BOUNDS:
     raise ValueError(f"unknown bound {bound!r}; expected one of {BOUNDS}")
   if not isinstance(selection_correction, (bool, np.bool_)):
@@ -675,8 +931,11 @@ def certify(predictions, *, num_classes: int, n: Optional[int] = None,
     seed = _check_int("seed", seed, 0)
   preds, num_classes = _check_predictions(predictions, num_classes)
   num_models = preds.shape[0]
-  if mode != "deterministic" and subsets is not None:
-    raise ValueError(f"subsets are used in deterministic mode only, not in "
+  if mode not in ("deterministic", RUNOFF) and subsets is not None:
+    raise ValueError(f"subsets are used in deterministic and runoff modes "
+                     f"only, not in {mode!r} mode")
+  if mode != RUNOFF and rankings is not None:
+    raise ValueError(f"rankings are used in runoff mode only, not in "
                      f"{mode!r} mode")
   if mode != "monte_carlo" and bound != "complement":
     raise ValueError("bound applies to monte_carlo mode only")
@@ -695,9 +954,13 @@ def certify(predictions, *, num_classes: int, n: Optional[int] = None,
     if bound == "top_two" and not selection_correction:
       raise ValueError("bound='top_two' holds with the selection correction "
                        "only (selection_correction=True)")
-  elif mode == "deterministic":
+  elif mode in ("deterministic", RUNOFF):
     if n is None or subsets is None:
-      raise ValueError("deterministic mode needs n and subsets")
+      raise ValueError(f"{mode} mode needs n and subsets")
+    if mode == RUNOFF:
+      if rankings is None:
+        raise ValueError("runoff mode needs rankings")
+      rankings = _check_rankings(rankings, preds, num_classes)
     n = _check_int("n", n, 1)
     if n * num_classes > _DETERMINISTIC_BLOCK_CELLS:
       raise ValueError(
@@ -716,6 +979,8 @@ def certify(predictions, *, num_classes: int, n: Optional[int] = None,
                                selection_correction, bound)
   elif mode == "deterministic":
     out = _certify_deterministic(preds, counts, subsets, n)
+  elif mode == RUNOFF:
+    out = _certify_runoff(preds, counts, rankings, subsets, n)
   else:
     out = _certify_partition(counts, num_models)
   top, top_count, runner_up, labels, levels, p_lower, p_upper = out

@@ -949,3 +949,202 @@ def test_paper_ceiling_mnist_either_bound(correction):
   c = cert.certify(preds, num_classes=10, n=1000, k=10, alpha=0.001,
                    selection_correction=correction)
   assert np.all(c.levels == 60)
+
+
+# ---------------------------------------------------------------------------
+# Runoff mode (the two-round vote, any plan).
+
+
+def ref_finalists(counts_row):
+  """The two labels first in the order (most votes, smaller label), by hand."""
+  order = sorted(range(len(counts_row)), key=lambda c: (-counts_row[c], c))
+  return order[0], order[1]
+
+
+def ref_runoff(ranks):
+  """(a, b, winner) of one input's ballots ranks [N, K], by hand."""
+  num_classes = ranks.shape[1]
+  firsts = [int(r[0]) for r in ranks]
+  a, b = ref_finalists([firsts.count(c) for c in range(num_classes)])
+  for_a = sum(list(r).index(a) < list(r).index(b) for r in ranks)
+  for_b = len(ranks) - for_a
+  return a, b, (a if for_a > for_b or (for_a == for_b and a < b) else b)
+
+
+def brute_force_runoff_level(ranks, subsets, n):
+  """True robustness of one input's two-round vote, by exhaustion.
+
+  ranks: int [N, K], each model's ballot; subsets: N client-id rows (-1
+  pads). For each malicious set S, the touched models' round-1 votes and
+  round-2 preferences are free and need not agree (a stronger attacker than
+  one bound to a ranking, so its true level is a lower one to check against).
+  Which finalists round 1 yields depends only on how many touched models
+  vote each label, so every multiset of their votes is tried. Given the
+  finalists: if the winner w is not among them it has lost; otherwise every
+  touched model voting the other finalist o in round 2 is the attacker's
+  best reply (one more vote for o, one fewer for w, per model), so w loses
+  under S iff it loses that round 2. Returns the largest m such that every S
+  with |S| <= m keeps w (n if all do).
+  """
+  num_models, num_classes = ranks.shape
+  _, _, w = ref_runoff(ranks)
+  members = [frozenset(int(i) for i in row if i >= 0) for row in subsets]
+  for m in range(1, n + 1):
+    for malicious in itertools.combinations(range(n), m):
+      touched = [j for j in range(num_models) if members[j] & set(malicious)]
+      kept = [j for j in range(num_models) if j not in touched]
+      base = [sum(int(ranks[j, 0]) == c for j in kept)
+              for c in range(num_classes)]
+      for free in itertools.combinations_with_replacement(
+          range(num_classes), len(touched)):
+        counts = [base[c] + free.count(c) for c in range(num_classes)]
+        finalists = ref_finalists(counts)
+        if w not in finalists:
+          return m - 1
+        o = finalists[1] if finalists[0] == w else finalists[0]
+        for_w = sum(list(ranks[j]).index(w) < list(ranks[j]).index(o)
+                    for j in kept)
+        for_o = num_models - for_w
+        if not (for_w > for_o or (for_w == for_o and w < o)):
+          return m - 1
+  return n
+
+
+def random_rankings(rng, num_models, d, num_classes, types=3):
+  """int [N, d, K]: on each input every model draws its ballot from a few
+  random rankings with Dirichlet weights: split first rounds whose voters
+  agree on their second choices, where the two rounds differ most."""
+  out = np.empty((num_models, d, num_classes), np.int64)
+  for t in range(d):
+    pool = [rng.permutation(num_classes) for _ in range(types)]
+    pick = rng.choice(types, num_models, p=rng.dirichlet(np.ones(types)))
+    out[:, t] = np.array(pool)[pick]
+  return out
+
+
+def certify_runoff(ranks, subsets, n):
+  return cert.certify(ranks[..., 0], num_classes=ranks.shape[-1], n=n,
+                      mode="runoff", subsets=subsets, rankings=ranks)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_runoff_is_sound_by_brute_force(seed):
+  rng = np.random.default_rng(100 + seed)
+  n = int(rng.integers(3, 8))
+  num_models = int(rng.integers(3, 12))
+  num_classes = int(rng.integers(2, 5))
+  subsets = random_subsets(rng, n, num_models, int(rng.integers(1, 3)))
+  if seed % 2 == 0:  # disjoint models, whose levels are larger
+    n, subsets = num_models, np.arange(num_models)[:, None]
+  ranks = random_rankings(rng, num_models, 12, num_classes,
+                          int(rng.integers(2, 5)))
+  c = certify_runoff(ranks, subsets, n)
+  ref = [ref_runoff(ranks[:, t]) for t in range(12)]
+  np.testing.assert_array_equal(c.labels, [w for _, _, w in ref])
+  np.testing.assert_array_equal(c.top_labels, [a for a, _, _ in ref])
+  truth = np.array([brute_force_runoff_level(ranks[:, t], subsets, n)
+                    for t in range(12)])
+  assert np.all(c.levels >= 0)
+  assert np.all(c.levels <= truth), (c.levels, truth)  # soundness
+
+
+def test_runoff_brute_force_is_not_vacuous():
+  """The soundness check sees positive levels, and levels that are tight."""
+  rng = np.random.default_rng(7)
+  hits = tight = 0
+  for _ in range(6):
+    subsets = random_subsets(rng, 6, 9, 1)
+    ranks = random_rankings(rng, 9, 10, 3)
+    c = certify_runoff(ranks, subsets, 6)
+    truth = np.array([brute_force_runoff_level(ranks[:, t], subsets, 6)
+                      for t in range(10)])
+    assert np.all(c.levels <= truth)
+    hits += int(np.sum(c.levels > 0))
+    tight += int(np.sum((c.levels == truth) & (truth > 0)))
+  assert hits > 0 and tight > 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_runoff_with_two_labels_is_the_deterministic_level(seed):
+  """With K = 2 both rounds are the plain vote, and both bounds coincide."""
+  rng = np.random.default_rng(seed)
+  subsets = random_subsets(rng, 12, 9, 4)
+  ranks = random_rankings(rng, 9, 50, 2)
+  run = certify_runoff(ranks, subsets, 12)
+  det = cert.certify(ranks[..., 0], num_classes=2, n=12,
+                     mode="deterministic", subsets=subsets)
+  np.testing.assert_array_equal(run.labels, det.labels)
+  np.testing.assert_array_equal(run.levels, det.levels)
+
+
+def test_runoff_certifies_a_split_first_round():
+  """9 disjoint models: 4 vote 0, 3 vote 1, 2 vote 2, and the 1s and 2s
+  rank 0 second. The plain vote's margin 4 - 3 survives no client (level 0); the
+  run-off keeps 0 a finalist against 1 client (vs 2: margin 2) and wins
+  round 2 6-3 (margin 3) and 7-2 against 2, so level 1, which brute force confirms is tight."""
+  ballots = [[0, 1, 2]] * 4 + [[1, 0, 2]] * 3 + [[2, 0, 1]] * 2
+  ranks = np.array(ballots)[:, None, :]
+  subsets = np.arange(9)[:, None]
+  run = certify_runoff(ranks, subsets, 9)
+  det = cert.certify(ranks[..., 0], num_classes=3, n=9, mode="deterministic",
+                     subsets=subsets)
+  assert run.labels[0] == det.labels[0] == 0
+  assert det.levels[0] == 0 and run.levels[0] == 1
+  assert brute_force_runoff_level(ranks[:, 0], subsets, 9) == 1
+
+
+def test_runoff_winner_must_stay_a_finalist():
+  """10 disjoint models: 4 vote 0, 3 vote 1, 3 vote 2, all rank 0 second.
+  Round 2 alone (0 wins 7-3 against either) would certify 2 clients, but 2
+  clients moving two 0-votes to 1 and 2 (2-4-4) knock 0 out in round 1; 1
+  client cannot (3-4-3: 0 precedes 2 on the tie), so the truth is 1. The
+  finalist bound (both 0-vs-c margins are 1) certifies 0."""
+  ballots = [[0, 1, 2]] * 4 + [[1, 0, 2]] * 3 + [[2, 0, 1]] * 3
+  ranks = np.array(ballots)[:, None, :]
+  subsets = np.arange(10)[:, None]
+  assert brute_force_runoff_level(ranks[:, 0], subsets, 10) == 1
+  assert certify_runoff(ranks, subsets, 10).levels[0] == 0
+
+
+def test_runoff_winner_can_be_round_one_runner_up():
+  """Ties in both rounds go to the smaller label, and the runner-up of
+  round 1 can win round 2."""
+  ballots = [[1, 2, 0]] * 3 + [[2, 1, 0]] * 2 + [[0, 2, 1]] * 2
+  ranks = np.array(ballots)[:, None, :]
+  a, b, w = cert.runoff_vote(ranks, 3)
+  assert (a[0], b[0], w[0]) == (1, 0, 1)  # 0 and 2 tie at 2: 0 goes on
+  ranks2 = np.array([[1, 0], [0, 1]])[:, None, :]  # 1-1 tie: 0 both rounds
+  assert tuple(int(v[0]) for v in cert.runoff_vote(ranks2, 2)) == (0, 1, 0)
+  ballots3 = [[0, 1, 2]] * 2 + [[1, 2, 0]] * 2 + [[2, 1, 0]]
+  a, b, w = cert.runoff_vote(np.array(ballots3)[:, None, :], 3)
+  assert (a[0], b[0], w[0]) == (0, 1, 1)  # round 2: 3 prefer 1 over 0
+  c = certify_runoff(np.array(ballots3)[:, None, :], np.arange(5)[:, None], 5)
+  assert c.labels[0] == 1 and c.top_labels[0] == 0
+  assert c.levels[0] == brute_force_runoff_level(
+      np.array(ballots3), np.arange(5)[:, None], 5) == 0
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda r: r[..., :2], "shape"),
+    (lambda r: np.zeros_like(r), "permutation"),
+    (lambda r: r.astype(np.float32), "integer"),
+    (lambda r: r[:, :, ::-1], "first-ranked"),
+    (lambda r: None, "needs rankings"),
+])
+def test_runoff_rejects_bad_rankings(change, match):
+  ranks = np.tile(np.arange(3), (4, 2, 1))
+  with pytest.raises(ValueError, match=match):
+    cert.certify(ranks[..., 0], num_classes=3, n=4, mode="runoff",
+                 subsets=np.arange(4)[:, None], rankings=change(ranks))
+
+
+def test_runoff_needs_subsets_and_rankings_only_there():
+  ranks = np.tile(np.arange(3), (4, 2, 1))
+  with pytest.raises(ValueError, match="needs n and subsets"):
+    cert.certify(ranks[..., 0], num_classes=3, n=4, mode="runoff",
+                 rankings=ranks)
+  with pytest.raises(ValueError, match="runoff mode only"):
+    cert.certify(ranks[..., 0], num_classes=3, n=4, mode="deterministic",
+                 subsets=np.arange(4)[:, None], rankings=ranks)
+  c = certify_runoff(ranks, np.arange(4)[:, None], 4)
+  assert "two-round vote" in c.guarantee and "no probability" in c.guarantee
