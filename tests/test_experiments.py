@@ -235,10 +235,19 @@ def test_har_rerun_with_checkpoint_resumes_and_refuses_other_settings(cli_runs, 
   for a, b in zip(jax.tree_util.tree_leaves(saved.params),
                   jax.tree_util.tree_leaves(exported.params)):
     np.testing.assert_array_equal(a, b)
-  # A different setting is refused with a one-line error, not mixed in.
+  # A different setting is refused with a one-line error, not mixed in: while
+  # the rerun holds the folder by its claim, after it by the finished results.
   assert other.returncode == 2 and "Traceback" not in other.stderr
   last = other.stderr.strip().splitlines()[-1]
-  assert last.startswith("error: cannot resume") and "lr" in last
+  assert ("another run is writing into this folder now" in last
+          or ("holds a finished run's results" in last and "--lr" in last)), last
+  later = run_cli(*command, "--lr", "0.5", check=False)
+  assert later.returncode == 2 and "Traceback" not in later.stderr
+  last = later.stderr.strip().splitlines()[-1]
+  assert "holds a finished run's results" in last and "--lr 0.05 there, 0.5 now" in last, last
+  after = np.load(out / "predictions.npz")
+  for key, value in before.items():
+    np.testing.assert_array_equal(after[key], value)
 
 
 # --------------------------------------------------------------- sweep
