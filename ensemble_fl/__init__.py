@@ -36,6 +36,7 @@ _EXPORTS = {
     "SubsamplePlan": "ensemble_fl.ensemble",
     "train_ensemble": "ensemble_fl.ensemble",
     "predict": "ensemble_fl.ensemble",
+    "predict_rankings": "ensemble_fl.ensemble",
     "certified_accuracy": "ensemble_fl.certify",
     "Certificate": "ensemble_fl.certify",
     "FedAvgConfig": "ensemble_fl.fedavg",

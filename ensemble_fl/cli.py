@@ -1065,9 +1065,12 @@ def _certify_parser() -> ArgumentParser:
                    help="a run's predictions.npz: certify its models' votes again")
   p.add_argument("--labels", type=Path, metavar="FILE.npy",
                  help="true labels [d]: adds CA@m (default with --predictions: its y_true)")
-  p.add_argument("--mode", choices=("exact", "deterministic", "partition", "monte_carlo"),
+  p.add_argument("--mode", choices=("exact", "deterministic", "partition", "monte_carlo",
+                                    "runoff"),
                  help="the certificate (default: exact for a complete exact plan, else "
-                      "deterministic: the deployed vote)")
+                      "deterministic: the deployed vote); runoff: the deployed two-round vote "
+                      "of every model's ranking (with --inputs, or a predictions.npz that "
+                      "holds model_rankings)")
   p.add_argument("--alpha", type=float,
                  help="monte_carlo only: 1 - confidence, for the d inputs at once (default 0.001)")
   p.add_argument("--batch-size", type=int, help="inputs per compiled call (default: predict's)")
@@ -1150,10 +1153,11 @@ def certify_main(argv: Sequence[str] | None = None) -> int:
                            f"supports {', '.join(ens.certificate_modes)}")
         y_true = None
         if args.predictions is not None:
-          saved = _load_array(args.predictions, "--predictions", "model_labels")
-          votes = saved["model_labels"]
-          if votes.ndim != 2 or votes.shape[0] != ens.num_models:
-            raise ValueError(f"--predictions holds votes of shape {votes.shape}, the ensemble "
+          key = "model_rankings" if mode == "runoff" else "model_labels"
+          saved = _load_array(args.predictions, "--predictions", key)
+          votes = saved[key]
+          if votes.ndim != (3 if mode == "runoff" else 2) or votes.shape[0] != ens.num_models:
+            raise ValueError(f"--predictions holds {key} of shape {votes.shape}, the ensemble "
                              f"has {ens.num_models} models")
           d = votes.shape[1]
           if "y_true" in saved:
@@ -1172,8 +1176,9 @@ def certify_main(argv: Sequence[str] | None = None) -> int:
       return EXIT_REFUSED
     try:
       if args.inputs is not None:
+        ballots = ens.predict_rankings if mode == "runoff" else ens.predict
         with progress_lib.timed(timings, "predict", _stderr_log):
-          votes = ens.predict(x, batch_size=args.batch_size)
+          votes = ballots(x, batch_size=args.batch_size)
       with progress_lib.timed(timings, "certify"):
         cert = ens.certify_votes(votes, mode=mode,
                                  alpha=0.001 if args.alpha is None else args.alpha)

@@ -227,8 +227,9 @@ class Ensemble:
     complete exact plan (the default there: it counts the touched models
     exactly); "partition" when no client is in two models; "monte_carlo"
     for an untouched Monte Carlo plan (the idealised ensemble over all C(n,
-    k) subsets, with probability 1 - alpha). Removing clients leaves only the
-    certificates of the deployed models.
+    k) subsets, with probability 1 - alpha); "runoff" (the deployed
+    two-round vote of every model's ranking, any plan) always, last.
+    Removing clients leaves only the certificates of the deployed models.
     """
     modes = []
     if self.plan.mode == "exact" and not self.removed:
@@ -240,6 +241,7 @@ class Ensemble:
       modes.append("partition")
     if self.plan.mode == "monte_carlo" and not self.removed:
       modes.append("monte_carlo")
+    modes.append("runoff")
     return tuple(modes)
 
   def predict(self, x, *, batch_size: int | None = None, chunk_size: int | None = None,
@@ -257,13 +259,25 @@ class Ensemble:
     return ensemble_lib.predict(self.apply_fn, self.params, x, batch_size=batch_size,
                                 chunk_size=chunk_size, mesh=mesh)
 
+  def predict_rankings(self, x, *, batch_size: int | None = None,
+                       chunk_size: int | None = None, mesh=None) -> np.ndarray:
+    """Every model's ranking of the labels on every input: int8 ``[N, d, C]``
+    (:func:`ensemble_fl.ensemble.predict_rankings`), the run-off vote's ballots.
+
+    Args and Raises: as :meth:`predict`.
+    """
+    x = check_inputs(x, self.model.feature_shape)
+    return ensemble_lib.predict_rankings(self.apply_fn, self.params, x, batch_size=batch_size,
+                                         chunk_size=chunk_size, mesh=mesh)
+
   def certify_votes(self, votes, *, mode: str | None = None, alpha: float = 0.001,
                     seed: int = 0) -> certify_lib.Certificate:
     """The certificate of this ensemble's votes ``votes`` int ``[N, d]``.
 
     Args:
       votes: every model's label on every input (:meth:`predict`, or a saved
-        ``predictions.npz``'s ``model_labels``).
+        ``predictions.npz``'s ``model_labels``); in "runoff" mode every
+        model's ranking int ``[N, d, C]`` (:meth:`predict_rankings`).
       mode: one of :attr:`certificate_modes` (default: its first).
       alpha: Monte Carlo mode: the levels of the d inputs hold at once with
         probability >= 1 - alpha (each call is its own family of d inputs).
@@ -281,9 +295,15 @@ class Ensemble:
       raise ValueError(f"mode {mode!r} does not apply to this {self.plan.mode} ensemble{why}; "
                        f"it supports {', '.join(modes)}")
     votes = np.asarray(votes)
+    c = self.model.num_classes
+    if mode == "runoff":
+      if votes.ndim != 3 or votes.shape[0] != self.num_models or votes.shape[2] != c:
+        raise ValueError(f"runoff mode certifies rankings [N = {self.num_models}, d, C = {c}] "
+                         f"(predict_rankings), got shape {votes.shape}")
+      return certify_lib.certify(votes[..., 0], num_classes=c, n=self.n, mode=mode,
+                                 subsets=self.plan.subsets, rankings=votes)
     if votes.ndim != 2 or votes.shape[0] != self.num_models:
       raise ValueError(f"votes must be [N = {self.num_models}, d], got shape {votes.shape}")
-    c = self.model.num_classes
     if mode == "monte_carlo":
       return certify_lib.certify(votes, num_classes=c, n=self.n, k=self.plan.k, alpha=alpha,
                                  mode=mode, seed=seed)
@@ -303,8 +323,9 @@ class Ensemble:
     ``.levels`` int64 ``[d]`` (-1: not certified) and ``.guarantee`` (what
     the levels prove, under which threat model).
     """
-    return self.certify_votes(self.predict(x, batch_size=batch_size, chunk_size=chunk_size,
-                                           mesh=mesh), mode=mode, alpha=alpha, seed=seed)
+    ballots = self.predict_rankings if mode == "runoff" else self.predict
+    return self.certify_votes(ballots(x, batch_size=batch_size, chunk_size=chunk_size,
+                                      mesh=mesh), mode=mode, alpha=alpha, seed=seed)
 
   def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """:func:`save_ensemble` of this ensemble."""

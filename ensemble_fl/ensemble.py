@@ -60,7 +60,7 @@ from ensemble_fl.distributed import is_main_process, to_global, to_host
 
 PyTree = Any
 
-MODES = ("exact", "monte_carlo", "partition")
+MODES = ("exact", "monte_carlo", "partition", "cyclic")
 MAX_EXACT_MODELS = 1_000_000
 MAX_CLIENTS = 2**31 - 1
 MAX_MODELS = 2**31 - 1
@@ -88,14 +88,15 @@ class SubsamplePlan:
   """Which clients and which key each of the N models gets.
 
   Attributes:
-    mode: "exact" | "monte_carlo" | "partition".
+    mode: "exact" | "monte_carlo" | "partition" | "cyclic".
     subsets: int32 ``[N, s]`` client ids, sorted ascending within a row with
-      ``-1`` pads at the end (partition only).
+      ``-1`` pads at the end (partition and cyclic only).
     keys: uint32 ``[N, 2]``, raw (threefry) PRNG key data of each model.
     n: number of clients.
-    k: subsample size (None in partition mode).
+    k: subsample size (None in partition and cyclic modes).
     replicas: partition mode: the number of independent partitions (rows
-      ``[r*N/s, (r+1)*N/s)`` are replica r); 1 otherwise.
+      ``[r*N/s, (r+1)*N/s)`` are replica r); cyclic mode: the buckets each
+      model trains on; 1 otherwise. Either way, the models each client is in.
     root_key: uint32 ``[2]``, the raw key every model's key is folded from
       (``keys == subset_keys(root_key, subsets)``): what retraining a model
       on a new subset needs (``ensemble_fl.deploy.remove_clients``). As
@@ -200,11 +201,18 @@ def make_plan(mode: str, *, n: int, k: int | None = None, num_models: int | None
         :func:`partition_hash` with its own seed and deals them round-robin,
         so group sizes differ by at most one; ``replicas=1`` is the plain
         partition. Needs N divisible by ``replicas`` and ``N / replicas <= n``.
+      "cyclic": the clients dealt into G = ``num_models`` buckets as the plain
+        partition deals them (replica 0's :func:`partition_hash` order,
+        round-robin); model j trains on buckets j, j+1, ..., j+s-1 mod G,
+        s = ``replicas``, so every client is in exactly s models, every model
+        has about n*s/G clients, and models j and j' share buckets only when
+        they are fewer than s apart. Needs ``1 <= s <= G <= n``.
     n: number of clients, >= 1.
     k: subsample size in ``[1, n]`` (exact, monte_carlo).
     num_models: N (monte_carlo, partition), at most ``MAX_MODELS``.
     seed: integer seed; everything is a deterministic function of it.
-    replicas: partition mode: number of independent partitions, >= 1.
+    replicas: partition mode: number of independent partitions; cyclic mode:
+      buckets a model trains on; >= 1.
 
   Returns:
     :class:`SubsamplePlan`.
@@ -227,9 +235,9 @@ def make_plan(mode: str, *, n: int, k: int | None = None, num_models: int | None
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
   replicas = _check_pos_int("replicas", replicas)
-  if replicas != 1 and mode != "partition":
-    raise ValueError(f"replicas apply to partition mode only, got replicas = {replicas} in "
-                     f"{mode} mode")
+  if replicas != 1 and mode not in ("partition", "cyclic"):
+    raise ValueError(f"replicas apply to partition and cyclic modes only, got replicas = "
+                     f"{replicas} in {mode} mode")
   root = _root_key(seed)
 
   if mode == "partition" and k is not None:
@@ -261,11 +269,14 @@ def make_plan(mode: str, *, n: int, k: int | None = None, num_models: int | None
       raise ValueError(f"num_models = {num} exceeds {MAX_MODELS} (model indices are int32)")
     if mode == "monte_carlo":
       subsets = np.sort(np.asarray(_monte_carlo_draws(root, n, k, num)), axis=1)
+    elif mode == "cyclic":
+      subsets = _cyclic(n, num, replicas, seed)
     else:
       subsets = _replicated_partition(n, num, replicas, seed)
   keys = subset_keys(root, subsets)
   return SubsamplePlan(mode, subsets.astype(np.int32), keys, n,
-                       None if mode == "partition" else k, replicas, np.asarray(root, np.uint32))
+                       None if mode in ("partition", "cyclic") else k, replicas,
+                       np.asarray(root, np.uint32))
 
 
 def _replicated_partition(n: int, num_models: int, replicas: int, seed: int) -> np.ndarray:
@@ -287,6 +298,21 @@ def _replicated_partition(n: int, num_models: int, replicas: int, seed: int) -> 
     for g in range(groups):
       members = np.sort(order[g::groups])
       subsets[r * groups + g, : members.size] = members
+  return subsets
+
+
+def _cyclic(n: int, num_buckets: int, span: int, seed: int) -> np.ndarray:
+  """int32 ``[G, s * ceil(n / G)]``: model j on buckets j..j+s-1 mod G, -1 pads."""
+  if not span <= num_buckets <= n:
+    raise ValueError(f"cyclic mode needs replicas <= num_models <= n, got replicas = {span}, "
+                     f"num_models = {num_buckets}, n = {n}")
+  buckets = _replicated_partition(n, num_buckets, 1, seed)  # [G, ceil(n / G)]
+  width = span * buckets.shape[1]
+  subsets = np.full((num_buckets, width), -1, np.int32)
+  for j in range(num_buckets):
+    members = buckets[(j + np.arange(span)) % num_buckets]
+    members = np.sort(members[members >= 0])
+    subsets[j, : members.size] = members
   return subsets
 
 
@@ -749,15 +775,37 @@ def _report_nonfinite(bad: np.ndarray, total: int, what: str, then: str, policy:
   warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
-def _predict_chunk_impl(apply_fn, mesh, sequential, params, xb):
+def _predict_chunk_impl(apply_fn, mesh, sequential, rank, params, xb):
   def one(p, xb):
     logits = apply_fn(p, xb)
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32), jnp.all(jnp.isfinite(logits), axis=-1)
+    if rank:  # labels by decreasing logit, ties toward the smaller label
+      out = jnp.argsort(-logits, axis=-1, stable=True).astype(jnp.int32)
+    else:
+      out = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return out, jnp.all(jnp.isfinite(logits), axis=-1)
 
   return _over_models(one, (params,), (xb,), mesh, sequential)
 
 
-_predict_chunk = jax.jit(_predict_chunk_impl, static_argnums=(0, 1, 2))
+_predict_chunk = jax.jit(_predict_chunk_impl, static_argnums=(0, 1, 2, 3))
+
+
+def predict_rankings(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray, *,
+                     chunk_size: int | None = None, batch_size: int | None = None,
+                     nonfinite: str = "warn", mesh: Mesh | None = None) -> np.ndarray:
+  """Every model's ranking of the labels on every input: the ballots of the run-off vote.
+
+  Args and Raises: as :func:`predict`, whose chunking it shares.
+
+  Returns:
+    int8 ``[N, d, C]`` (int16 when C > 127): ``out[i, t]`` lists the C labels from model i's
+    largest logit on input t to its smallest, ties toward the smaller label, so
+    ``out[..., 0]`` is :func:`predict`'s label wherever the logits are finite (a NaN logit is
+    ranked last here, but is :func:`predict`'s argmax). Ten labels cost 10 bytes a model and
+    input. ``certify.certify(out[..., 0], mode="runoff", rankings=out, ...)`` certifies it.
+  """
+  return _predict(apply_fn, stacked_params, x, chunk_size, batch_size, nonfinite, mesh,
+                  rank=True)
 
 
 def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray, *,
@@ -798,6 +846,13 @@ def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray,
       work), unknown ``nonfinite``, or ``nonfinite="raise"`` and a model's
       logits are not finite.
   """
+  return _predict(apply_fn, stacked_params, x, chunk_size, batch_size, nonfinite, mesh,
+                  rank=False)
+
+
+def _predict(apply_fn, stacked_params, x, chunk_size, batch_size, nonfinite, mesh, *,
+             rank: bool) -> np.ndarray:
+  """:func:`predict` (``rank=False``) or :func:`predict_rankings` (``rank=True``)."""
   _check_nonfinite_policy(nonfinite)
   leaves = jax.tree_util.tree_leaves(stacked_params)
   if not leaves:
@@ -826,7 +881,7 @@ def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray,
     raise ValueError(
         f"x of shape {x.shape} does not fit apply_fn with these stacked_params (another "
         f"model's params, or inputs of another feature shape): {e}") from e
-  _logits_classes(out)
+  num_classes = _logits_classes(out)
   x = x.astype(np.float32)
   d = x.shape[0]
 
@@ -843,14 +898,17 @@ def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray,
   x_pad = np.concatenate([x, np.repeat(x[:1], num_batches * bs - d, axis=0)], axis=0)
   x_dev = [to_global(x_pad[b * bs:(b + 1) * bs], replicated) for b in range(num_batches)]
 
-  out = np.empty((total, d), np.int32)
+  if rank:
+    out = np.empty((total, d, num_classes), np.int8 if num_classes <= 127 else np.int16)
+  else:
+    out = np.empty((total, d), np.int32)
   finite = np.empty(total, bool)  # model i's logits are finite on every input
   for start in range(0, total, chunk):
     stop = min(start + chunk, total)
     params = jax.tree_util.tree_map(
         lambda l: to_global(_pad_rows(np.asarray(l[start:stop]), chunk), model_sharding),
         stacked_params)
-    results = [_predict_chunk(apply_fn, mesh, sequential, params, xb) for xb in x_dev]
+    results = [_predict_chunk(apply_fn, mesh, sequential, rank, params, xb) for xb in x_dev]
     labels = np.concatenate([to_host(l) for l, _ in results], axis=1)
     ok = np.concatenate([to_host(f) for _, f in results], axis=1)
     out[start:stop] = labels[: stop - start, :d]

@@ -1148,3 +1148,21 @@ def test_runoff_needs_subsets_and_rankings_only_there():
                  subsets=np.arange(4)[:, None], rankings=ranks)
   c = certify_runoff(ranks, np.arange(4)[:, None], 4)
   assert "two-round vote" in c.guarantee and "no probability" in c.guarantee
+
+
+@pytest.mark.parametrize("n,groups,span,seed", [(7, 7, 2, 0), (8, 8, 2, 1), (9, 9, 3, 2)])
+def test_deterministic_and_runoff_on_cyclic_plans_are_sound(n, groups, span, seed):
+  from ensemble_fl import ensemble  # pylint: disable=g-import-not-at-top
+  plan = ensemble.make_plan("cyclic", n=n, num_models=groups, replicas=span,
+                            seed=seed)
+  rng = np.random.default_rng(seed)
+  ranks = random_rankings(rng, groups, 15, 3)
+  det = cert.certify(ranks[..., 0], num_classes=3, n=n, mode="deterministic",
+                     subsets=plan.subsets)
+  run = certify_runoff(ranks, plan.subsets, n)
+  truth = [brute_force_level(ranks[:, t, 0], plan.subsets, n, 3)
+           for t in range(15)]
+  truth_runoff = [brute_force_runoff_level(ranks[:, t], plan.subsets, n)
+                  for t in range(15)]
+  assert np.all(det.levels <= truth) and np.all(run.levels <= truth_runoff)
+  assert np.any(det.levels > 0) or np.any(run.levels > 0)

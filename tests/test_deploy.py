@@ -85,21 +85,25 @@ def test_a_reloaded_ensemble_is_the_saved_one_and_certifies_alike(trained, name,
 
 
 @pytest.mark.parametrize("name, modes", [
-    ("exact", ("exact", "deterministic")),
-    ("monte_carlo", ("deterministic", "monte_carlo")),
-    ("partition", ("deterministic", "partition")),
-    ("replicated", ("deterministic",)),
+    ("exact", ("exact", "deterministic", "runoff")),
+    ("monte_carlo", ("deterministic", "monte_carlo", "runoff")),
+    ("partition", ("deterministic", "partition", "runoff")),
+    ("replicated", ("deterministic", "runoff")),
 ])
 def test_each_plan_offers_the_certificates_that_hold_for_it(trained, name, modes):
   ens = trained[name]
   assert ens.certificate_modes == modes
   x = inputs()
-  votes = np.stack([np.argmax(apply_fn(jax.tree_util.tree_map(lambda l, i=i: l[i], ens.params),
-                                       x), axis=-1) for i in range(ens.num_models)])
+  logits = np.stack([apply_fn(jax.tree_util.tree_map(lambda l, i=i: l[i], ens.params), x)
+                     for i in range(ens.num_models)])
+  votes = np.argmax(logits, axis=-1)
+  ranks = np.argsort(-logits, axis=-1, kind="stable")
   assert np.array_equal(ens.predict(x), votes)  # against a plain per-model loop
+  assert np.array_equal(ens.predict_rankings(x), ranks)
   plan = ens.plan
   direct = {"exact": dict(n=6, k=2), "monte_carlo": dict(n=6, k=2, alpha=0.001),
-            "partition": {}, "deterministic": dict(n=6, subsets=plan.subsets)}
+            "partition": {}, "deterministic": dict(n=6, subsets=plan.subsets),
+            "runoff": dict(n=6, subsets=plan.subsets, rankings=ranks)}
   for mode in modes:
     want = certify.certify(votes, num_classes=NUM_CLASSES, mode=mode, **direct[mode])
     got = ens.certify_inputs(x, mode=mode)
@@ -269,6 +273,7 @@ def test_removing_clients_retrains_only_their_models_as_training_would(trained, 
                          subsets=new.plan.subsets)
   assert np.array_equal(new.certify_inputs(x, mode="deterministic").levels, want.levels)
   assert "exact" not in new.certificate_modes and "monte_carlo" not in new.certificate_modes
+  assert "deterministic" in new.certificate_modes and "runoff" in new.certificate_modes
 
 
 def test_a_model_of_removed_clients_only_is_dropped(trained, tmp_path):
@@ -354,6 +359,18 @@ def test_a_run_saves_its_ensemble_and_the_reload_reproduces_its_certificates(mni
   assert body["mode"] == "deterministic" and body["fingerprint"] == ens.fingerprint
   assert body["certified_accuracy"]["0"] == pytest.approx(
       float(np.mean((want.labels == saved["y_true"]) & (want.levels >= 0))))
+  # The two-round vote needs every model's ranking: predicted from the inputs.
+  out = tmp_path / "runoff"
+  assert cli.package_main(["certify", "--ensemble", str(mnist_run / "ensemble"), "--inputs",
+                           str(tmp_path / "x.npy"), "--mode", "runoff", "--out", str(out)]) == 0
+  rows = _csv(out / "certificates.csv")
+  ranks = ens.predict_rankings(x_test)
+  assert np.array_equal(ranks[..., 0], saved["model_labels"])
+  want = certify.certify(ranks[..., 0], num_classes=10, n=20, mode="runoff",
+                         subsets=ens.plan.subsets, rankings=ranks)
+  assert np.array_equal(rows["level"], want.levels) and np.array_equal(rows["label"],
+                                                                        want.labels)
+  assert json.loads((out / "certificates.json").read_text())["mode"] == "runoff"
 
 
 @needs_mnist
@@ -368,7 +385,7 @@ def test_removing_a_client_from_the_command_line(mnist_run, tmp_path):
   hit = np.isin(ens.plan.subsets, [client]).any(axis=1)
   for a, b in zip(leaves(ens.params), leaves(new.params)):
     assert np.array_equal(a[~hit], b[~hit]) and not np.array_equal(a[hit], b[hit])
-  assert new.certificate_modes == ("deterministic",)
+  assert new.certificate_modes == ("deterministic", "runoff")
 
 
 @needs_mnist
@@ -378,6 +395,8 @@ def test_removing_a_client_from_the_command_line(mnist_run, tmp_path):
     (["certify", "--ensemble", "{ens}", "--inputs", "{x}", "--mode", "exact"], "does not apply"),
     (["certify", "--ensemble", "{ens}", "--inputs", "{x}", "--alpha", "0.1"], "monte_carlo only"),
     (["certify", "--ensemble", "{ens}", "--inputs", "{missing}"], "cannot read"),
+    (["certify", "--predictions", "{run}/predictions.npz", "--mode", "runoff"],
+     "holds no 'model_rankings'"),
     (["remove", "--ensemble", "{ens}", "--clients", "99", "--out", "{out}"], r"\[0, 20\)"),
     (["remove", "--ensemble", "{ens}", "--clients", "1", "--out", "{run}"], "already holds"),
     (["frobnicate"], "usage"),

@@ -179,6 +179,34 @@ def test_partition_plan(n, num):
     assert not np.array_equal(other.subsets, plan.subsets)
 
 
+@pytest.mark.parametrize("n,num,span", [(20, 8, 2), (1000, 100, 5), (7, 7, 7), (9, 4, 1),
+                                         (50, 10, 3)])
+def test_cyclic_plan(n, num, span):
+  plan = ensemble.make_plan("cyclic", n=n, num_models=num, replicas=span, seed=4)
+  assert plan.mode == "cyclic" and plan.k is None and plan.replicas == span
+  assert plan.num_models == num
+  # Every client is in exactly `span` models.
+  np.testing.assert_array_equal(np.bincount(plan.subsets[plan.subsets >= 0], minlength=n),
+                                np.full(n, span))
+  sizes = np.sum(plan.subsets >= 0, axis=1)
+  assert sizes.min() >= span * (n // num) and sizes.max() <= span * -(-n // num)
+  for row, m in zip(plan.subsets, sizes):
+    assert np.all(row[m:] == -1) and np.all(np.diff(row[:m]) > 0)
+  # Model j is the union of the plain partition's groups j..j+s-1 mod G.
+  groups = ensemble.make_plan("partition", n=n, num_models=num, seed=4).subsets
+  for j, row in enumerate(plan.subsets.tolist()):
+    want = sorted(int(i) for b in range(span) for i in groups[(j + b) % num] if i >= 0)
+    assert [i for i in row if i >= 0] == want
+  # Keys as every plan derives them: the subset's sorted ids folded into the root.
+  np.testing.assert_array_equal(plan.keys, ensemble.subset_keys(plan.root_key, plan.subsets))
+  np.testing.assert_array_equal(plan.root_key, ensemble.make_plan(
+      "partition", n=n, num_models=1, seed=4).root_key)
+  if span == 1:
+    np.testing.assert_array_equal(plan.subsets, groups)
+    np.testing.assert_array_equal(plan.keys, ensemble.make_plan(
+        "partition", n=n, num_models=num, seed=4).keys)
+
+
 def test_partition_hash_is_the_documented_splitmix64():
   # splitmix64 of 0 (seed 0, id 0) is a published constant.
   assert int(ensemble.partition_hash(np.array([0]), 0)[0]) == 0xE220A8397B1DCDAF
@@ -196,7 +224,10 @@ def test_partition_hash_is_the_documented_splitmix64():
     (dict(mode="partition", n=3, num_models=4), "non-empty"),
     (dict(mode="partition", n=10, num_models=9, replicas=2), "divisible"),
     (dict(mode="partition", n=3, num_models=8, replicas=2), "non-empty"),
-    (dict(mode="monte_carlo", n=5, k=2, num_models=4, replicas=2), "partition mode only"),
+    (dict(mode="monte_carlo", n=5, k=2, num_models=4, replicas=2), "partition and cyclic"),
+    (dict(mode="cyclic", n=5, num_models=3, replicas=4), "replicas <= num_models"),
+    (dict(mode="cyclic", n=5, num_models=6, replicas=2), "num_models <= n"),
+    (dict(mode="cyclic", n=5, replicas=2), "num_models"),
     (dict(mode="partition", n=5, num_models=4, replicas=0), "replicas"),
     (dict(mode="bagging", n=5, k=2), "mode"),
     (dict(mode="exact", n=0, k=1), "n must be"),
@@ -364,6 +395,24 @@ def test_predict_matches_direct_apply(monkeypatch, mc_params, chunk_size, batch_
       for i in range(7)])
   np.testing.assert_array_equal(got, want)
   assert len(np.unique(got)) > 1
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+@pytest.mark.parametrize("chunk_size,batch_size", [(None, 1024), (2, 3)])
+def test_predict_rankings_match_direct_apply(monkeypatch, mc_params, chunk_size, batch_size,
+                                             sequential):
+  monkeypatch.setattr(ensemble, "models_in_sequence", lambda: sequential)
+  x = np.random.default_rng(6).normal(size=(10, NUM_FEATURES)).astype(np.float32)
+  got = ensemble.predict_rankings(apply_fn, mc_params, x, chunk_size=chunk_size,
+                                  batch_size=batch_size)
+  assert got.shape == (7, 10, NUM_CLASSES) and got.dtype == np.int8
+  logits = np.stack([np.asarray(apply_fn(jax.tree_util.tree_map(lambda a: a[i], mc_params), x))
+                     for i in range(7)])
+  np.testing.assert_array_equal(got, np.argsort(-logits, axis=-1, kind="stable"))
+  np.testing.assert_array_equal(got[..., 0], ensemble.predict(apply_fn, mc_params, x))
+  # Each ranking orders the logits from largest to smallest.
+  ordered = np.take_along_axis(logits, got.astype(np.int64), axis=-1)
+  assert np.all(np.diff(ordered, axis=-1) <= 0)
 
 
 def test_predict_rejects_bad_input(mc_params):

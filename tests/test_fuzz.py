@@ -226,14 +226,20 @@ def test_make_plan_subsets_and_subset_keyed_keys(mode, n, data, seed):
     n, k, num_models = 7, 3, 12
   else:
     k = data.draw(st.integers(1, n)) if mode == "exact" else None  # partition refuses a k
-    num_models = data.draw(st.integers(1, n)) if mode == "partition" else None
-  plan = ensemble.make_plan(mode, n=n, k=k, num_models=num_models, seed=seed)
+    num_models = data.draw(st.integers(1, n)) if mode in ("partition", "cyclic") else None
+  span = data.draw(st.integers(1, num_models)) if mode == "cyclic" else 1
+  plan = ensemble.make_plan(mode, n=n, k=k, num_models=num_models, seed=seed, replicas=span)
   rows = [tuple(int(i) for i in row if i >= 0) for row in plan.subsets]
   if mode == "exact":
     assert rows == list(itertools.combinations(range(n), k))
   elif mode == "monte_carlo":
     assert len(rows) == num_models
     assert all(len(r) == k and list(r) == sorted(set(r)) and r[-1] < n for r in rows)
+  elif mode == "cyclic":  # model j: the partition's groups j..j+s-1 mod N
+    groups = [tuple(int(i) for i in row if i >= 0) for row in ensemble.make_plan(
+        "partition", n=n, num_models=num_models, seed=seed).subsets]
+    assert rows == [tuple(sorted(sum((groups[(j + b) % num_models] for b in range(span)), ())))
+                    for j in range(num_models)]
   else:
     assert len(rows) == num_models and sorted(sum(rows, ())) == list(range(n))
     assert max(map(len, rows)) - min(map(len, rows)) <= 1
