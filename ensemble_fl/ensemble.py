@@ -798,7 +798,7 @@ def predict_rankings(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np
   Args and Raises: as :func:`predict`, whose chunking it shares.
 
   Returns:
-    int8 ``[N, d, C]`` (int16 when C > 127): ``out[i, t]`` lists the C labels from model i's
+    int8 ``[N, d, C]`` (the smallest signed type holding C - 1): ``out[i, t]`` lists the C labels from model i's
     largest logit on input t to its smallest, ties toward the smaller label, so
     ``out[..., 0]`` is :func:`predict`'s label wherever the logits are finite (a NaN logit is
     ranked last here, but is :func:`predict`'s argmax). Ten labels cost 10 bytes a model and
@@ -899,7 +899,7 @@ def _predict(apply_fn, stacked_params, x, chunk_size, batch_size, nonfinite, mes
   x_dev = [to_global(x_pad[b * bs:(b + 1) * bs], replicated) for b in range(num_batches)]
 
   if rank:
-    out = np.empty((total, d, num_classes), np.int8 if num_classes <= 127 else np.int16)
+    out = np.empty((total, d, num_classes), np.min_scalar_type(-num_classes))  # holds C - 1
   else:
     out = np.empty((total, d), np.int32)
   finite = np.empty(total, bool)  # model i's logits are finite on every input
@@ -914,7 +914,8 @@ def _predict(apply_fn, stacked_params, x, chunk_size, batch_size, nonfinite, mes
     out[start:stop] = labels[: stop - start, :d]
     finite[start:stop] = ok[: stop - start, :d].all(axis=1)
   _report_nonfinite(np.flatnonzero(~finite), total, "give NaN or inf logits on some inputs",
-                    "they vote argmax of those logits", nonfinite)
+                    "they rank NaN labels last" if rank else "they vote argmax of those logits",
+                    nonfinite)
   return out
 
 

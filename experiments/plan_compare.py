@@ -57,7 +57,7 @@ def main(argv=None) -> int:
   p.add_argument("--checkpoint-root", type=Path)
   p.add_argument("--out", type=Path, required=True, help="new or empty folder")
   args = p.parse_args(argv)
-  plans = [x for x in args.plans.split(",")]
+  plans = args.plans.split(",")
   try:
     if not plans or any(x not in PLANS for x in plans):
       raise ValueError(f"--plans must name some of {PLANS}, got {args.plans!r}")
