@@ -37,6 +37,7 @@ _EXPORTS = {
     "train_ensemble": "ensemble_fl.ensemble",
     "predict": "ensemble_fl.ensemble",
     "predict_rankings": "ensemble_fl.ensemble",
+    "predict_with_rankings": "ensemble_fl.ensemble",
     "certified_accuracy": "ensemble_fl.certify",
     "Certificate": "ensemble_fl.certify",
     "FedAvgConfig": "ensemble_fl.fedavg",

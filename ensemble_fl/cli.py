@@ -820,13 +820,19 @@ def _add_experiment_flags(parser: argparse.ArgumentParser, dataset: str) -> None
                       help="do not save the trained models in OUT/ensemble/ (the deployable "
                            "ensemble: `python -m ensemble_fl certify --ensemble OUT/ensemble` "
                            "certifies new inputs with it)")
+  parser.add_argument("--rankings", dest="keep_rankings", action="store_true",
+                      help="also save every model's ranking of the labels on every test input "
+                           "in predictions.npz (model_rankings, C bytes a model and input, from "
+                           "the same forward pass): `python -m ensemble_fl certify --predictions "
+                           "OUT/predictions.npz --mode runoff` then certifies the run-off vote")
 
 
 def _run_experiment(job, ctx: Context) -> results.ExperimentResult:
   cfg, data = job
   return experiment.run(cfg, data=data, timings=ctx.timings, checkpoint_dir=ctx.checkpoint_dir,
                         progress_factory=ctx.progress_factory, log=ctx.log,
-                        keep_ensemble=ctx.args.save_ensemble)
+                        keep_ensemble=ctx.args.save_ensemble,
+                        keep_rankings=ctx.args.keep_rankings)
 
 
 def nonfinite_status(note: str, ctx: Context) -> int:
@@ -1154,7 +1160,14 @@ def certify_main(argv: Sequence[str] | None = None) -> int:
         y_true = None
         if args.predictions is not None:
           key = "model_rankings" if mode == "runoff" else "model_labels"
-          saved = _load_array(args.predictions, "--predictions", key)
+          try:
+            saved = _load_array(args.predictions, "--predictions", key)
+          except ValueError as e:
+            if mode == "runoff" and "holds no" in str(e):
+              raise ValueError(f"{e}: the run-off vote needs every model's ranking; a run "
+                               "saves them with --rankings, or certify --inputs predicts "
+                               "them") from None
+            raise
           votes = saved[key]
           if votes.ndim != (3 if mode == "runoff" else 2) or votes.shape[0] != ens.num_models:
             raise ValueError(f"--predictions holds {key} of shape {votes.shape}, the ensemble "

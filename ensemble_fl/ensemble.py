@@ -775,14 +775,20 @@ def _report_nonfinite(bad: np.ndarray, total: int, what: str, then: str, policy:
   warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
-def _predict_chunk_impl(apply_fn, mesh, sequential, rank, params, xb):
+# What a prediction call returns per model and input: its label, its ranking
+# of the labels (the run-off vote's ballot), or both from one forward pass.
+BALLOTS = ("label", "ranking", "both")
+
+
+def _predict_chunk_impl(apply_fn, mesh, sequential, ballots, params, xb):
   def one(p, xb):
     logits = apply_fn(p, xb)
-    if rank:  # labels by decreasing logit, ties toward the smaller label
-      out = jnp.argsort(-logits, axis=-1, stable=True).astype(jnp.int32)
-    else:
-      out = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return out, jnp.all(jnp.isfinite(logits), axis=-1)
+    out = []
+    if ballots != "ranking":
+      out.append(jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    if ballots != "label":  # labels by decreasing logit, ties toward the smaller label
+      out.append(jnp.argsort(-logits, axis=-1, stable=True).astype(jnp.int32))
+    return tuple(out), jnp.all(jnp.isfinite(logits), axis=-1)
 
   return _over_models(one, (params,), (xb,), mesh, sequential)
 
@@ -805,7 +811,23 @@ def predict_rankings(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np
     input. ``certify.certify(out[..., 0], mode="runoff", rankings=out, ...)`` certifies it.
   """
   return _predict(apply_fn, stacked_params, x, chunk_size, batch_size, nonfinite, mesh,
-                  rank=True)
+                  ballots="ranking")[0]
+
+
+def predict_with_rankings(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray,
+                          *, chunk_size: int | None = None, batch_size: int | None = None,
+                          nonfinite: str = "warn", mesh: Mesh | None = None
+                          ) -> tuple[np.ndarray, np.ndarray]:
+  """:func:`predict` and :func:`predict_rankings` from one forward pass of every model.
+
+  Args and Raises: as :func:`predict`.
+
+  Returns:
+    ``(labels, rankings)``: exactly :func:`predict`'s int32 ``[N, d]`` and
+    :func:`predict_rankings`' ``[N, d, C]``, at the cost of one prediction.
+  """
+  return _predict(apply_fn, stacked_params, x, chunk_size, batch_size, nonfinite, mesh,
+                  ballots="both")
 
 
 def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray, *,
@@ -847,12 +869,13 @@ def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray,
       logits are not finite.
   """
   return _predict(apply_fn, stacked_params, x, chunk_size, batch_size, nonfinite, mesh,
-                  rank=False)
+                  ballots="label")[0]
 
 
 def _predict(apply_fn, stacked_params, x, chunk_size, batch_size, nonfinite, mesh, *,
-             rank: bool) -> np.ndarray:
-  """:func:`predict` (``rank=False``) or :func:`predict_rankings` (``rank=True``)."""
+             ballots: str) -> tuple[np.ndarray, ...]:
+  """The labels and/or rankings (one of :data:`BALLOTS`) of :func:`predict` and
+  :func:`predict_rankings`, in that order."""
   _check_nonfinite_policy(nonfinite)
   leaves = jax.tree_util.tree_leaves(stacked_params)
   if not leaves:
@@ -898,25 +921,29 @@ def _predict(apply_fn, stacked_params, x, chunk_size, batch_size, nonfinite, mes
   x_pad = np.concatenate([x, np.repeat(x[:1], num_batches * bs - d, axis=0)], axis=0)
   x_dev = [to_global(x_pad[b * bs:(b + 1) * bs], replicated) for b in range(num_batches)]
 
-  if rank:
-    out = np.empty((total, d, num_classes), np.min_scalar_type(-num_classes))  # holds C - 1
-  else:
-    out = np.empty((total, d), np.int32)
+  outs = []
+  if ballots != "ranking":
+    outs.append(np.empty((total, d), np.int32))
+  if ballots != "label":
+    outs.append(np.empty((total, d, num_classes), np.min_scalar_type(-num_classes)))  # C - 1
   finite = np.empty(total, bool)  # model i's logits are finite on every input
   for start in range(0, total, chunk):
     stop = min(start + chunk, total)
     params = jax.tree_util.tree_map(
         lambda l: to_global(_pad_rows(np.asarray(l[start:stop]), chunk), model_sharding),
         stacked_params)
-    results = [_predict_chunk(apply_fn, mesh, sequential, rank, params, xb) for xb in x_dev]
-    labels = np.concatenate([to_host(l) for l, _ in results], axis=1)
+    results = [_predict_chunk(apply_fn, mesh, sequential, ballots, params, xb) for xb in x_dev]
+    for j, out in enumerate(outs):
+      got = np.concatenate([to_host(r[0][j]) for r in results], axis=1)
+      out[start:stop] = got[: stop - start, :d]
     ok = np.concatenate([to_host(f) for _, f in results], axis=1)
-    out[start:stop] = labels[: stop - start, :d]
     finite[start:stop] = ok[: stop - start, :d].all(axis=1)
   _report_nonfinite(np.flatnonzero(~finite), total, "give NaN or inf logits on some inputs",
-                    "they rank NaN labels last" if rank else "they vote argmax of those logits",
-                    nonfinite)
-  return out
+                    {"label": "they vote argmax of those logits",
+                     "ranking": "they rank NaN labels last",
+                     "both": "they vote argmax of those logits and rank NaN labels last"
+                     }[ballots], nonfinite)
+  return tuple(outs)
 
 
 def nonfinite_models(stacked_params: PyTree) -> np.ndarray:

@@ -255,18 +255,21 @@ def train_models(cfg: TrainingConfig, model: Model, clients: ClientData,
 
 
 def predict_labels(cfg: TrainingConfig, model: Model, stacked_params, x_test,
-                   log: Callable[[str], None] = _stderr_log) -> np.ndarray:
+                   log: Callable[[str], None] = _stderr_log, *, rankings: bool = False):
   """Every model's label for every test input: int32 ``[N, d]``.
 
-  The predictor's warnings (models giving non-finite logits) go to ``log``.
+  With ``rankings``, ``(labels, rankings)`` from the same forward pass, the
+  rankings ``[N, d, C]`` of :func:`ensemble_fl.ensemble.predict_rankings`
+  (the run-off vote's ballots). The predictor's warnings (models giving
+  non-finite logits) go to ``log``.
   """
+  predictor = ensemble.predict_with_rankings if rankings else ensemble.predict
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always", RuntimeWarning)
-    labels = np.asarray(ensemble.predict(model.predict_fn, stacked_params, x_test,
-                                         chunk_size=cfg.chunk_size), dtype=np.int32)
+    out = predictor(model.predict_fn, stacked_params, x_test, chunk_size=cfg.chunk_size)
   for w in caught:
     log(f"warning: {w.message}")
-  return labels
+  return out
 
 
 def certify_predictions(cfg: ExperimentConfig, spec: EnsembleSpec, predictions: np.ndarray, *,
@@ -319,6 +322,7 @@ def run(
     progress_factory: ProgressFactory | None = None,
     log: Callable[[str], None] = _stderr_log,
     keep_ensemble: bool = False,
+    keep_rankings: bool = False,
 ) -> ExperimentResult:
   """Runs one experiment end to end (no output files written).
 
@@ -337,6 +341,9 @@ def run(
       (``ExperimentResult.ensemble``, a :class:`ensemble_fl.deploy.Ensemble`
       to save or certify new inputs with); by default they are dropped once
       the test set is labelled.
+    keep_rankings: also keep every model's ranking of the labels on every
+      test input (``ExperimentResult.rankings``, the run-off vote's ballots,
+      from the same forward pass as the labels).
 
   Raises:
     FileNotFoundError / ValueError: missing or malformed data.
@@ -374,7 +381,10 @@ def run(
     log(f"warning: {nonfinite.size} of {spec.num_models} models ended training with NaN or inf "
         "parameters (diverged: a smaller learning rate may help); they still vote")
   with progress_lib.timed(timings, "predict", log):
-    predictions = predict_labels(cfg, model, params, data.x_test, log)
+    predictions = predict_labels(cfg, model, params, data.x_test, log, rankings=keep_rankings)
+  rankings = None
+  if keep_rankings:
+    predictions, rankings = predictions
   trained = None
   if keep_ensemble:
     trained = deploy.make_ensemble(
@@ -415,7 +425,7 @@ def run(
       alpha=cfg.alpha if spec.mode == "monte_carlo" else None, m_values=m_values, ca=ca,
       baseline_labels=baseline_labels, baseline_ca=baseline_ca, timings=timings,
       nonfinite_models=tuple(nonfinite.tolist()), baseline_nonfinite=baseline_nonfinite,
-      ensemble=trained)
+      ensemble=trained, rankings=rankings)
 
 
 # Modes whose plan of N models is the first N rows of any larger plan (the
@@ -453,7 +463,8 @@ def recertify(result: ExperimentResult, *, alpha: float | None = None,
                                keys=plan.keys[:num_models])
     result = dataclasses.replace(
         result, nonfinite_models=tuple(i for i in result.nonfinite_models if i < num_models),
-        ensemble=None)
+        ensemble=None,
+        rankings=None if result.rankings is None else result.rankings[:num_models])
   timings = {k: v for k, v in result.timings.items() if k != "certify"}
   spec = resolve_ensemble(cfg)
   with progress_lib.timed(timings, "certify"):

@@ -13,8 +13,10 @@
   ``levels`` (−1 = not certified), ``y_true``, ``top_count`` and
   ``runner_up_count`` (votes of the two most voted labels), ``p_lower`` (the
   bound on the top label's probability that was used), ``baseline_labels``
-  when run, and ``model_labels`` int8 ``[N, d]`` (every model's label) unless it
-  has more than ``MAX_SAVED_PREDICTIONS`` entries.
+  when run, ``model_labels`` int8 ``[N, d]`` (every model's label) unless it
+  has more than ``MAX_SAVED_PREDICTIONS`` entries, and ``model_rankings``
+  ``[N, d, C]`` (every model's ranking of the labels, the run-off vote's
+  ballots) when the run kept them (``--rankings``).
 * ``certified_accuracy.csv``: ``m,ensemble,baseline`` (baseline empty if not run).
 * ``certified_accuracy.png``: the paper's Figure 2 for this run (skipped with a
   warning when matplotlib is missing).
@@ -96,6 +98,9 @@ class ExperimentResult:
       or inf parameter.
     ensemble: the trained models (:class:`ensemble_fl.deploy.Ensemble`), when
       the run kept them; :func:`write_outputs` saves them in ``ensemble/``.
+    rankings: int ``[N, d, C]``, every model's ranking of the labels per test
+      input (the run-off vote's ballots), when the run kept them; saved as
+      ``model_rankings``.
   """
 
   config: ExperimentConfig
@@ -120,6 +125,7 @@ class ExperimentResult:
   baseline_nonfinite: bool = False
   data_origin: dict[str, str] = dataclasses.field(default_factory=dict)
   ensemble: Any = None
+  rankings: np.ndarray | None = None
 
   @property
   def nonfinite(self) -> bool:
@@ -315,6 +321,8 @@ def prediction_arrays(result: ExperimentResult) -> dict[str, np.ndarray]:
   if result.predictions.size <= MAX_SAVED_PREDICTIONS:
     dtype = np.int8 if result.num_classes <= 127 else np.int32
     arrays["model_labels"] = result.predictions.astype(dtype)
+  if result.rankings is not None:
+    arrays["model_rankings"] = np.asarray(result.rankings)
   return arrays
 
 

@@ -320,7 +320,7 @@ MNIST_TINY = ["--global-iters", "1", "--local-iters", "2", "--batch-size", "8", 
 @pytest.fixture(scope="module")
 def mnist_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("run") / "mnist"
-  assert cli.experiment_main("mnist", [*MNIST_TINY, "--out", str(out)]) == 0
+  assert cli.experiment_main("mnist", [*MNIST_TINY, "--rankings", "--out", str(out)]) == 0
   return out
 
 
@@ -371,6 +371,14 @@ def test_a_run_saves_its_ensemble_and_the_reload_reproduces_its_certificates(mni
   assert np.array_equal(rows["level"], want.levels) and np.array_equal(rows["label"],
                                                                         want.labels)
   assert json.loads((out / "certificates.json").read_text())["mode"] == "runoff"
+  # The run saved the same ballots (--rankings): certified from them, no model run.
+  assert np.array_equal(saved["model_rankings"], ranks)
+  out2 = tmp_path / "runoff-saved"
+  assert cli.package_main(["certify", "--predictions", str(mnist_run / "predictions.npz"),
+                           "--mode", "runoff", "--out", str(out2)]) == 0
+  saved_rows = _csv(out2 / "certificates.csv")  # this one also has the run's y_true
+  assert all(np.array_equal(saved_rows[c], rows[c]) for c in ("input", "label", "level"))
+  assert np.array_equal(saved_rows["y_true"], saved["y_true"])
 
 
 @needs_mnist
@@ -395,8 +403,8 @@ def test_removing_a_client_from_the_command_line(mnist_run, tmp_path):
     (["certify", "--ensemble", "{ens}", "--inputs", "{x}", "--mode", "exact"], "does not apply"),
     (["certify", "--ensemble", "{ens}", "--inputs", "{x}", "--alpha", "0.1"], "monte_carlo only"),
     (["certify", "--ensemble", "{ens}", "--inputs", "{missing}"], "cannot read"),
-    (["certify", "--predictions", "{run}/predictions.npz", "--mode", "runoff"],
-     "holds no 'model_rankings'"),
+    (["certify", "--predictions", "{plain}", "--ensemble", "{ens}", "--mode", "runoff"],
+     "holds no 'model_rankings'.*--rankings"),
     (["remove", "--ensemble", "{ens}", "--clients", "99", "--out", "{out}"], r"\[0, 20\)"),
     (["remove", "--ensemble", "{ens}", "--clients", "1", "--out", "{run}"], "already holds"),
     (["frobnicate"], "usage"),
@@ -404,7 +412,11 @@ def test_removing_a_client_from_the_command_line(mnist_run, tmp_path):
 def test_bad_command_lines_get_one_line_and_exit_2(mnist_run, tmp_path, capsys, argv, needle):
   np.save(tmp_path / "x.npy", np.zeros((2, 28, 28, 1), np.float32))
   np.save(tmp_path / "bad.npy", np.zeros((2, 28, 28, 1), np.uint8))
+  with np.load(mnist_run / "predictions.npz") as saved:  # a run without --rankings
+    np.savez(tmp_path / "plain.npz", **{k: saved[k] for k in saved.files
+                                        if k != "model_rankings"})
   names = {"run": mnist_run, "ens": mnist_run / "ensemble", "x": tmp_path / "x.npy",
+           "plain": tmp_path / "plain.npz",
            "bad": tmp_path / "bad.npy", "missing": tmp_path / "nope.npy",
            "out": tmp_path / "out"}
   argv = [a.format(**{k: str(v) for k, v in names.items()}) for a in argv]

@@ -466,6 +466,29 @@ def test_nonfinite_models_are_found_warned_about_and_still_vote(mc_params, cells
   assert got.min() >= 0 and got.max() < NUM_CLASSES
 
 
+@pytest.mark.parametrize("sequential", [True, False])
+@pytest.mark.parametrize("cells", [{}, {(0, 3): np.nan, (1, 5): np.inf}])
+def test_predict_with_rankings_is_predict_and_predict_rankings_in_one_pass(
+    monkeypatch, mc_params, sequential, cells):
+  monkeypatch.setattr(ensemble, "models_in_sequence", lambda: sequential)
+  params = _poison_rows(mc_params, cells)
+  x = np.random.default_rng(8).normal(size=(11, NUM_FEATURES)).astype(np.float32)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    labels, ranks = ensemble.predict_with_rankings(apply_fn, params, x, chunk_size=3,
+                                                   batch_size=4)
+    want_labels = ensemble.predict(apply_fn, params, x)
+    want_ranks = ensemble.predict_rankings(apply_fn, params, x)
+  assert labels.dtype == np.int32 and ranks.dtype == want_ranks.dtype
+  # Bit for bit what the two calls give, NaN models included (their argmax
+  # label need not head their ranking).
+  np.testing.assert_array_equal(labels, want_labels)
+  np.testing.assert_array_equal(ranks, want_ranks)
+  if cells:
+    with pytest.warns(RuntimeWarning, match="argmax of those logits and rank NaN labels last"):
+      ensemble.predict_with_rankings(apply_fn, params, x)
+
+
 def test_predict_rejects_an_unknown_nonfinite_policy(mc_params):
   with pytest.raises(ValueError, match="nonfinite must be one of"):
     ensemble.predict(apply_fn, mc_params, np.zeros((1, NUM_FEATURES)), nonfinite="skip")
