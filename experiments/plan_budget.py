@@ -49,7 +49,11 @@ def main(argv=None) -> int:
   p.add_argument("--measure", default="", help="plans to train in full and certify")
   p.add_argument("--pilot-models", type=int, default=8, help="pilot models a group size")
   p.add_argument("--draws", type=int, default=3, help="vote draws a prediction averages")
+  # The reference runs' FedAvg settings at the paper's N (experiments/README.md): 60 rounds
+  # at the paper's lr 0.001 would leave the models untrained.
   p.add_argument("--global-iters", type=int, default=60)
+  p.add_argument("--lr", type=float, default=0.1)
+  p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--test-size", type=int, default=1000)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--checkpoint-root", type=Path)
@@ -73,7 +77,8 @@ def main(argv=None) -> int:
       for v in sizes:
         budget.budget_plan(name, args.n, spend, v, args.seed)
     cfg = config.ExperimentConfig(dataset="mnist", n_clients=args.n, k=1, num_models=1,
-                                  mode="deterministic", global_iters=args.global_iters,
+                                  mode="deterministic", global_iters=args.global_iters, lr=args.lr,
+                                  batch_size=args.batch_size,
                                   test_size=args.test_size, seed=args.seed)
     out, created, claim = cli.prepare_out_dir(args.out, "plan-budget")
   except ValueError as e:
