@@ -30,19 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble_fl import certify, cli, config, ensemble, experiment, plotting, results
+from ensemble_fl import budget, certify, cli, config, ensemble, experiment, plotting, results
 
-PLANS = ("replicated", "cyclic", "monte_carlo")
+PLANS = budget.PLANS
 VOTES = ("deterministic", "runoff")
-
-
-def make_plan(name: str, n: int, num_models: int, span: int, seed: int) -> ensemble.SubsamplePlan:
-  if name == "replicated":
-    return ensemble.make_plan("partition", n=n, num_models=num_models, replicas=span, seed=seed)
-  if name == "cyclic":
-    return ensemble.make_plan("cyclic", n=n, num_models=num_models, replicas=span, seed=seed)
-  return ensemble.make_plan("monte_carlo", n=n, k=n * span // num_models,
-                            num_models=num_models, seed=seed)
 
 
 def main(argv=None) -> int:
@@ -84,7 +75,7 @@ def main(argv=None) -> int:
                                         "checkpoint_root": str(args.checkpoint_root)},
                            "config": dataclasses.asdict(cfg), "plans": {}}
     for name in plans:
-      plan = make_plan(name, args.n, args.N, args.s, args.seed)
+      plan = budget.budget_plan(name, args.n, args.n * args.s, args.N, args.seed)
       ckpt = None if args.checkpoint_root is None else str(args.checkpoint_root / name)
       t0 = time.perf_counter()
       print(f"{name}: training {plan.num_models} models ...", file=sys.stderr, flush=True)
