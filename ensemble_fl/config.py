@@ -38,8 +38,11 @@ from ensemble_fl import fedavg
 from ensemble_fl.data import har as har_data
 
 # "auto" picks exact or monte_carlo (see resolve_ensemble); the rest are
-# certify's modes, each naming a plan and the certificate of that plan.
-MODES = ("auto",) + tuple(certify.MODES)
+# certify's modes, each naming a plan and the certificate of that plan, and
+# "cyclic", a plan certified like any plan ("deterministic").
+MODES = ("auto",) + tuple(certify.MODES) + ("cyclic",)
+# The plans whose models' clients follow from n, N and replicas (k unused).
+_GROUPED_MODES = ("partition", "cyclic")
 AGGREGATORS = aggregators.AGGREGATORS
 MAX_EXACT_MODELS = ensemble.MAX_EXACT_MODELS
 PRESET_NAMES = ("paper", "cpu")
@@ -134,7 +137,8 @@ class TrainingConfig:
     k: clients per model (exact, monte_carlo, deterministic).
     num_models: N (exact: chosen by "auto" when C(n, k) <= N).
     mode: a key of :data:`MODES` (see :func:`resolve_ensemble`).
-    replicas: s, independent partitions of the n clients (partition only).
+    replicas: s, the models every client is in (partition: independent
+      partitions of the n clients; cyclic: buckets a model trains on).
     plan_seed: seed of the plan; None = ``seed``.
     secret_plan: draw the plan seed from OS entropy and keep it out of every
       output (see ``experiment.plan_seed``).
@@ -158,9 +162,12 @@ class TrainingConfig:
   mode: str = _field(
       "auto", "auto: exact when C(n,k) <= N, else monte_carlo (certifies the ideal ensemble "
       "over all k-subsets, with probability 1 - alpha); deterministic: N drawn k-subsets, "
-      "certifies the deployed vote for a public plan; partition: disjoint groups", choices=MODES)
+      "certifies the deployed vote for a public plan; partition: disjoint groups; cyclic: the "
+      "clients dealt into N buckets, model j trains on buckets j .. j+replicas-1 mod N",
+      choices=MODES)
   replicas: int = _field(1, "partition: this many independent partitions into N / replicas "
-                            "groups each (every client trains replicas models)")
+                            "groups each; cyclic: buckets a model trains on (either way every "
+                            "client trains replicas models)")
   plan_seed: int | None = _field(None, "seed of the plan (which clients train which model; "
                                        "default: the seed)")
   secret_plan: bool = _field(False, "draw the plan seed from OS entropy; it is never written to "
@@ -298,10 +305,11 @@ class EnsembleSpec:
   """The concrete ensemble of a config.
 
   Attributes:
-    mode: "exact" | "monte_carlo" | "deterministic" | "partition" ("auto"
-      resolved).
+    mode: "exact" | "monte_carlo" | "deterministic" | "partition" | "cyclic"
+      ("auto" resolved).
     num_models: N, the models trained (exact: C(n, k)).
-    replicas: s, independent partitions (1 outside partition mode).
+    replicas: s, the models every client is in (1 outside partition and
+      cyclic modes).
   """
 
   mode: str
@@ -315,13 +323,15 @@ class EnsembleSpec:
 
   @property
   def certify_mode(self) -> str:
-    """``certify.certify``'s mode: replicated partitions overlap, so they are
-    certified like any plan ("deterministic")."""
-    return "deterministic" if self.mode == "partition" and self.replicas > 1 else self.mode
+    """``certify.certify``'s mode: replicated partitions and cyclic plans
+    overlap, so they are certified like any plan ("deterministic")."""
+    if self.mode == "cyclic" or (self.mode == "partition" and self.replicas > 1):
+      return "deterministic"
+    return self.mode
 
   @property
   def uses_k(self) -> bool:
-    return self.mode != "partition"
+    return self.mode not in _GROUPED_MODES
 
 
 def resolve_ensemble(cfg: TrainingConfig) -> EnsembleSpec:
@@ -330,13 +340,23 @@ def resolve_ensemble(cfg: TrainingConfig) -> EnsembleSpec:
   "auto" is "exact" when C(n, k) <= N (then N = C(n, k): one model per
   k-subset), else "monte_carlo" with N models. "deterministic" trains the
   Monte Carlo plan of N drawn k-subsets. "partition" splits the n clients
-  into N / s disjoint groups, s times independently.
+  into N / s disjoint groups, s times independently. "cyclic" deals them
+  into N buckets and trains model j on buckets j .. j+s-1 mod N.
 
   Raises:
     ConfigError: exact mode with more than :data:`MAX_EXACT_MODELS` subsets,
-      more partition groups than clients.
+      more partition groups or cyclic buckets than clients, fewer cyclic
+      buckets than replicas.
   """
   n, k, num_models = cfg.n_clients, cfg.k, cfg.num_models
+  if cfg.mode == "cyclic":
+    if num_models > n:
+      raise ConfigError("num_models", f"= {num_models} cyclic buckets is more than the n = {n} "
+                                      "clients")
+    if cfg.replicas > num_models:
+      raise ConfigError("replicas", f"= {cfg.replicas} buckets a model is more than the "
+                                    f"`num_models` = {num_models} buckets")
+    return EnsembleSpec("cyclic", num_models, cfg.replicas)
   if cfg.mode == "partition":
     groups = num_models // cfg.replicas
     if groups > n:
@@ -382,6 +402,9 @@ def ignored_fields(cfg: TrainingConfig) -> dict[str, str]:
   if spec.mode == "partition":
     ignored["k"] = ("does not apply to `mode` partition: its groups hold n / (`num_models` / "
                     "`replicas`) clients each")
+  if spec.mode == "cyclic":
+    ignored["k"] = ("does not apply to `mode` cyclic: its models hold about n * `replicas` / "
+                    "`num_models` clients each")
   if cfg.mode == "exact" and cfg.num_models != spec.num_models:
     ignored["num_models"] = (
         f"does not apply to `mode` exact, which trains one model per k-subset: C(n, k) = "
@@ -467,7 +490,7 @@ def validate(cfg: TrainingConfig) -> None:
            f"must be at most {most}, the size of the test set ("
            + ", ".join(f"{source}: {size}" for source, size in sizes.items()) + "), got "
            f"{cfg.test_size}")
-  _require(cfg.k <= cfg.n_clients or cfg.mode == "partition", "k",  # partition ignores k
+  _require(cfg.k <= cfg.n_clients or cfg.mode in _GROUPED_MODES, "k",  # they ignore k
            f"must be at most the number of clients n = {cfg.n_clients}, got {cfg.k}")
   _check_real(cfg, "alpha", lambda v: 0.0 < v < 1.0, "in (0, 1)")
   # The smallest per-input level of any bound is alpha / (2 d C) (the
@@ -484,14 +507,19 @@ def validate(cfg: TrainingConfig) -> None:
                                                              f"{cfg.secret_plan!r}")
   _require(not (cfg.secret_plan and cfg.plan_seed is not None), "plan_seed",
            "and `secret_plan` exclude each other")
-  _require(cfg.replicas == 1 or cfg.mode == "partition", "replicas",
-           f"is only valid with `mode` partition, got `mode` {cfg.mode}")
-  _require(cfg.num_models % cfg.replicas == 0, "num_models",
+  _require(cfg.replicas == 1 or cfg.mode in _GROUPED_MODES, "replicas",
+           f"is only valid with `mode` partition or cyclic, got `mode` {cfg.mode}")
+  _require(cfg.num_models % cfg.replicas == 0 or cfg.mode == "cyclic", "num_models",
            f"must be divisible by `replicas` = {cfg.replicas}, got {cfg.num_models}")
   spec = resolve_ensemble(cfg)
   fed = fedavg_config(cfg)
-  per_model = cfg.n_clients * spec.replicas // spec.num_models if spec.mode == "partition" \
-      else cfg.k
+  # The smallest model: partition groups and cyclic buckets differ by at most one client.
+  if spec.mode == "partition":
+    per_model = cfg.n_clients * spec.replicas // spec.num_models
+  elif spec.mode == "cyclic":
+    per_model = cfg.n_clients // spec.num_models * spec.replicas
+  else:
+    per_model = cfg.k
   _require(per_model >= fed.min_clients(), "aggregator",
            f"{cfg.aggregator} needs at least {fed.min_clients()} clients per model, but each "
            f"model sees {per_model}")
@@ -503,7 +531,7 @@ def _validate_attack(cfg: AttackEvalConfig, spec: EnsembleSpec) -> None:
   n = cfg.n_clients
   _require(not cfg.secret_plan, "secret_plan", "does not apply to the attack check (it "
                                                "attacks a plan it knows)")
-  per_model = cfg.k if spec.mode != "partition" else 1
+  per_model = cfg.k if spec.uses_k else 1
   _require(per_model < n, "k", f"must be < n = {n} (some client must stay honest), got {cfg.k}")
   _require(len(cfg.attacks) > 0, "attacks", "must name at least one attack")
   for a in cfg.attacks:

@@ -214,8 +214,8 @@ def plan_seed(cfg: TrainingConfig, checkpoint_dir: str | os.PathLike | None = No
 def make_plan(cfg: TrainingConfig, spec: EnsembleSpec, n: int, seed: int
               ) -> ensemble.SubsamplePlan:
   """The trainer's plan (which clients each model sees) of the ensemble ``spec``."""
-  if spec.plan_mode == "partition":
-    return ensemble.make_plan("partition", n=n, num_models=spec.num_models,
+  if not spec.uses_k:
+    return ensemble.make_plan(spec.plan_mode, n=n, num_models=spec.num_models,
                               replicas=spec.replicas, seed=seed)
   return ensemble.make_plan(spec.plan_mode, n=n, k=cfg.k, num_models=spec.num_models,
                             seed=seed)

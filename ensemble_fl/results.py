@@ -60,7 +60,7 @@ import scipy
 from ensemble_fl import certify
 from ensemble_fl import deploy
 from ensemble_fl import plotting
-from ensemble_fl.config import DATASETS, ExperimentConfig, ignored_fields
+from ensemble_fl.config import DATASETS, ExperimentConfig, ignored_fields, resolve_ensemble
 from ensemble_fl.ensemble import SubsamplePlan
 
 # Above this many entries the [N, d] vote tensor is left out of predictions.npz.
@@ -74,8 +74,9 @@ class ExperimentResult:
   Attributes:
     config: the config that was run.
     mode: the concrete mode ("exact" | "monte_carlo" | "deterministic" |
-      "partition"; see ``config.resolve_ensemble``).
-    replicas: s, independent partitions (1 outside partition mode).
+      "partition" | "cyclic"; see ``config.resolve_ensemble``).
+    replicas: s, the models every client is in (1 outside partition and
+      cyclic modes).
     plan: the trainer's plan (which clients trained which model); never
       written to the outputs.
     plan_seed: the plan's seed, or None when it is secret.
@@ -278,7 +279,7 @@ def result_to_dict(result: ExperimentResult,
       "plan_seed": "secret" if result.plan_seed is None else result.plan_seed,
       "certifies": result.certificate.guarantee,
       "n": result.n,
-      "k": None if result.mode == "partition" else cfg.k,
+      "k": cfg.k if resolve_ensemble(cfg).uses_k else None,
       "num_models": result.num_models,
       "alpha": result.alpha,
       "bound": bound_description(result.certificate),
@@ -354,7 +355,7 @@ def plot_result(path: str | os.PathLike, result: ExperimentResult) -> Path | Non
 def run_title(result: ExperimentResult) -> str:
   cfg = result.config
   parts = [DATASETS[cfg.dataset].display_name, f"n={result.n}"]
-  if result.mode != "partition":
+  if resolve_ensemble(cfg).uses_k:
     parts.append(f"k={cfg.k}")
   parts.append(f"N={result.num_models}")
   if result.replicas > 1:

@@ -348,6 +348,7 @@ def test_the_certificate_holds_on_a_tiny_exact_run(tmp_path):
 
 @pytest.mark.parametrize("mode,replicas,num_models", [
     ("partition", 1, 4), ("partition", 2, 8), ("deterministic", 1, 12), ("monte_carlo", 1, 12),
+    ("cyclic", 3, 8),
 ])
 def test_the_check_on_other_plans(mode, replicas, num_models):
   # A plan-aware attacker (most_models) against the deployed vote: no violation

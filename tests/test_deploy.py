@@ -34,6 +34,7 @@ PLANS = {
     "monte_carlo": dict(mode="monte_carlo", n=6, k=2, num_models=9),
     "partition": dict(mode="partition", n=6, num_models=3),
     "replicated": dict(mode="partition", n=6, num_models=6, replicas=2),
+    "cyclic": dict(mode="cyclic", n=6, num_models=5, replicas=2),
 }
 
 

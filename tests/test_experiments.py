@@ -23,6 +23,7 @@ import jax
 import numpy as np
 import pytest
 
+from ensemble_fl import certify
 from ensemble_fl import cli
 from ensemble_fl import config
 from ensemble_fl import deploy
@@ -318,6 +319,10 @@ MAINS = {"mnist.py": lambda argv: cli.experiment_main("mnist", argv),
     ("har.py", ["--mode", "bogus"], "--mode"),
     ("har.py", ["--q", "0.3"], "--q"),
     ("har.py", ["--mode", "partition", "--N", "62", "--replicas", "2"], "--N / --replicas"),
+    ("har.py", ["--mode", "cyclic", "--N", "31", "--replicas", "2"], "--N = 31 cyclic buckets"),
+    ("har.py", ["--mode", "cyclic", "--N", "4", "--replicas", "5"], "--replicas = 5"),
+    ("mnist.py", ["--mode", "cyclic", "--N", "10", "--k", "5"], "--k does not apply"),
+    ("mnist.py", ["--mode", "cyclic", "--alpha", "0.01"], "--alpha does not apply"),
     ("har.py", ["--alpha", "0.01"], "--alpha does not apply to --mode exact"),
     ("mnist.py", ["--mode", "partition", "--alpha", "0.01"], "--alpha does not apply"),
     ("mnist.py", ["--mode", "deterministic", "--alpha", "0.01"], "--alpha does not apply"),
@@ -398,6 +403,8 @@ def test_each_mode_names_its_plan_and_its_certificate():
       ("deterministic", 1): ("monte_carlo", "deterministic"),
       ("partition", 1): ("partition", "partition"),
       ("partition", 3): ("partition", "deterministic"),
+      ("cyclic", 1): ("cyclic", "deterministic"),
+      ("cyclic", 5): ("cyclic", "deterministic"),
   }
   for (mode, replicas), (plan_mode, certify_mode) in cases.items():
     spec = resolve(n_clients=30, k=2, num_models=435 if mode == "exact" else 12, mode=mode,
@@ -563,6 +570,29 @@ def test_secret_replicated_partition_resumes_and_never_publishes_its_seed(tmp_pa
   # Without a checkpoint, a secret plan is drawn afresh (and never stored).
   plan_seeds = {experiment.plan_seed(cfg) for _ in range(3)}
   assert len(plan_seeds) == 3 and seed not in plan_seeds
+
+
+@pytest.mark.parametrize("num_models,replicas", [(6, 2), (5, 3), (4, 4)])
+def test_a_cyclic_run_trains_the_cyclic_plan_and_certifies_its_deployed_vote(num_models,
+                                                                            replicas):
+  data = synthetic_data()
+  cfg = config.ExperimentConfig(**TINY_CFG, num_models=num_models, lr=0.1, mode="cyclic",
+                                replicas=replicas)
+  result = experiment.run(cfg, data=data, log=lambda s: None)
+  want = experiment.ensemble.make_plan("cyclic", n=6, num_models=num_models, replicas=replicas,
+                                       seed=cfg.seed)
+  np.testing.assert_array_equal(result.plan.subsets, want.subsets)
+  ids, per_client = np.unique(result.plan.subsets[result.plan.subsets >= 0],
+                              return_counts=True)
+  assert ids.tolist() == list(range(6)) and set(per_client) == {replicas}
+  # Certified as any plan: the same levels as certify's deterministic mode on these votes.
+  assert result.certificate.mode == "deterministic"
+  again = certify.certify(result.predictions, num_classes=data.num_classes, n=6,
+                          mode="deterministic", subsets=want.subsets)
+  np.testing.assert_array_equal(result.certificate.levels, again.levels)
+  record = results.result_to_dict(result, environment={})
+  assert (record["mode"], record["replicas"], record["k"]) == ("cyclic", replicas, None)
+  assert "k" in record["config_unused"] and "k=" not in results.run_title(result)
 
 
 def test_public_plan_seed_defaults_to_the_seed():
