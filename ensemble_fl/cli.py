@@ -1090,8 +1090,9 @@ def _certificate_summary(cert, y_true, timings: dict[str, float]) -> tuple[dict,
   """``certificates.json``'s body and the printed table."""
   levels = np.asarray(cert.levels)
   top = int(levels.max()) if levels.size else -1
-  rows = results.table_rows(max(top + 1, 0))
-  certified = {int(m): float(np.mean(levels >= m)) for m in rows}
+  rows = results.table_rows(max(top + 1, 0))  # printed; the file has every m (a curve)
+  every_m = np.arange(top + 2)
+  certified = {int(m): float(np.mean(levels >= m)) for m in every_m}
   body = {"mode": cert.mode, "certifies": cert.guarantee, "num_models": cert.num_models,
           "num_inputs": cert.num_inputs, "abstained": int(np.sum(np.asarray(cert.labels) < 0)),
           "max_certified_level": top, "certified_share": certified,
@@ -1100,12 +1101,16 @@ def _certificate_summary(cert, y_true, timings: dict[str, float]) -> tuple[dict,
   lines = []
   ca = None
   if y_true is not None:
-    ca = certify_lib.certified_accuracy(cert, y_true, rows)
-    body["vote_accuracy"] = float(np.mean(np.asarray(cert.top_labels) == y_true))
-    body["certified_accuracy"] = {int(m): float(a) for m, a in zip(rows, ca)}
+    ca = dict(zip(every_m.tolist(), certify_lib.certified_accuracy(cert, y_true, every_m)))
+    # The deployed vote's label (run-off: round 2's winner, not round 1's plurality).
+    voted = cert.labels if cert.mode == "runoff" else cert.top_labels
+    body["vote_accuracy"] = float(np.mean(np.asarray(voted) == y_true))
+    if cert.mode == "runoff":
+      body["plurality_accuracy"] = float(np.mean(np.asarray(cert.top_labels) == y_true))
+    body["certified_accuracy"] = {int(m): float(a) for m, a in ca.items()}
     header += "   CA@m"
-  for i, m in enumerate(rows):
-    lines.append(f"{m:4d}  {certified[m]:9.3f}" + ("" if ca is None else f"  {ca[i]:.3f}"))
+  for m in rows:
+    lines.append(f"{m:4d}  {certified[m]:9.3f}" + ("" if ca is None else f"  {ca[m]:.3f}"))
   text = (f"{cert.num_inputs} inputs, {cert.num_models} models, {cert.mode} certificate; "
           f"largest level {top}\n{cert.guarantee}\n{header}\n" + "\n".join(lines))
   return body, text

@@ -360,6 +360,13 @@ def test_a_run_saves_its_ensemble_and_the_reload_reproduces_its_certificates(mni
   assert body["mode"] == "deterministic" and body["fingerprint"] == ens.fingerprint
   assert body["certified_accuracy"]["0"] == pytest.approx(
       float(np.mean((want.labels == saved["y_true"]) & (want.levels >= 0))))
+  # The file holds the whole curve, every m to the largest level + 1 (where it is 0).
+  every_m = list(range(int(want.levels.max()) + 2))
+  assert sorted(map(int, body["certified_accuracy"])) == every_m == sorted(
+      map(int, body["certified_share"]))
+  assert [body["certified_accuracy"][str(m)] for m in every_m] == pytest.approx(
+      [float(np.mean((want.labels == saved["y_true"]) & (want.levels >= m))) for m in every_m])
+  assert body["certified_accuracy"][str(every_m[-1])] == 0.0
   # The two-round vote needs every model's ranking: predicted from the inputs.
   out = tmp_path / "runoff"
   assert cli.package_main(["certify", "--ensemble", str(mnist_run / "ensemble"), "--inputs",
@@ -380,6 +387,11 @@ def test_a_run_saves_its_ensemble_and_the_reload_reproduces_its_certificates(mni
   saved_rows = _csv(out2 / "certificates.csv")  # this one also has the run's y_true
   assert all(np.array_equal(saved_rows[c], rows[c]) for c in ("input", "label", "level"))
   assert np.array_equal(saved_rows["y_true"], saved["y_true"])
+  # Its vote accuracy is the two-round winner's; round 1's plurality is reported beside it.
+  body = json.loads((out2 / "certificates.json").read_text())
+  assert body["vote_accuracy"] == pytest.approx(float(np.mean(want.labels == saved["y_true"])))
+  assert body["plurality_accuracy"] == pytest.approx(
+      float(np.mean(want.top_labels == saved["y_true"])))
 
 
 @needs_mnist
