@@ -34,6 +34,8 @@ VS_PAPER = {
     "mnist": [("mnist-N500", "ours, Monte Carlo (idealised, w.p. 0.999)"),
               ("mnist-N500-deterministic", "ours, same models, deployed vote"),
               ("mnist-N500-replicated", "ours, 5 partitions, deployed vote"),
+              ("mnist-N1000-replicated", "ours, 5 partitions of N = 1,000 (5 clients a model), "
+                                         "deployed vote"),
               ("mnist-cpu-monte_carlo", "CPU preset, Monte Carlo")],
     "mnist-q0.9": [("mnist-N500-q0.9", "ours, Monte Carlo (idealised, w.p. 0.999)"),
                    ("mnist-N500", "ours at q = 0.5, the same settings otherwise")],
@@ -42,6 +44,9 @@ VS_PAPER = {
 }
 # Runs that certified another run's models (its checkpoint, nothing retrained).
 SAME_MODELS = {"mnist-N500-deterministic": "mnist-N500"}
+# A run's models certified again as the two-round vote (`python -m ensemble_fl
+# certify --mode runoff`), in the run's folder: a row and a curve below the run's.
+RUNOFF_FILE = "runoff.json"
 PAPER_COLUMNS = {"mnist": (0, 10, 20, 30, 40, 50, 60), "har": (0, 1, 2, 4, 6, 8)}
 PAPER_COLUMNS["mnist-q0.9"] = PAPER_COLUMNS["mnist"]
 
@@ -60,6 +65,20 @@ PAPER = {
 def ca_at(record: dict, m: int) -> float:
   curve = record["certified_accuracy"]
   return curve["ensemble"][curve["m"].index(m)] if m in curve["m"] else 0.0
+
+
+def runoff_record(folder: str) -> dict | None:
+  """The run-off certificate of ``folder``'s models in results.json's shape, or None."""
+  path = HERE / folder / RUNOFF_FILE
+  if not path.exists():
+    return None
+  cert = json.loads(path.read_text())
+  m = sorted(int(v) for v in cert["certified_accuracy"])
+  return {"certified_accuracy": {"m": m, "ensemble": [cert["certified_accuracy"][str(v)]
+                                                      for v in m]},
+          "max_certified_level": cert["max_certified_level"],
+          # every input gets a level >= 0 unless abstained: CA@0 is the run-off winner's accuracy
+          "vote_accuracy": cert["certified_accuracy"]["0"] if not cert["abstained"] else None}
 
 
 def load(folders):
@@ -107,13 +126,25 @@ def paper_table(dataset: str) -> None:
   print(f"| paper (its text) | {paper['settings']} | – | "
         + " | ".join(f"{paper['ca'][m]:.2f}" if m in paper["ca"] else "–" for m in cols)
         + f" | {paper['largest'] if paper['largest'] is not None else '–'} | – | – |")
+  curves = []
   for label, r, folder in records:
+    curves.append((label, r["certified_accuracy"]["m"], r["certified_accuracy"]["ensemble"]))
     t = r["timings_s"]
     train = (f"(those of `{SAME_MODELS[folder]}`)" if folder in SAME_MODELS
              else minutes(t.get("train_all_sessions", t["train"])))
     print(f"| {label} | {settings(r)} | {r['vote_accuracy']:.3f} | "
           + " | ".join(f"{ca_at(r, m):.3f}" for m in cols)
           + f" | {r['max_certified_level']} | {train} | {minutes(t['predict'])} |")
+    runoff = runoff_record(folder)
+    if runoff is not None:
+      run_label = f"{label.split(',')[0]}, the same models, run-off vote"
+      curves.append((run_label, runoff["certified_accuracy"]["m"],
+                     runoff["certified_accuracy"]["ensemble"]))
+      accuracy = runoff["vote_accuracy"]
+      print(f"| {run_label} | {settings(r)} | "
+            + ("–" if accuracy is None else f"{accuracy:.3f}") + " | "
+            + " | ".join(f"{ca_at(runoff, m):.3f}" for m in cols)
+            + f" | {runoff['max_certified_level']} | (the same) | (the same) |")
     if r.get("baseline_accuracy") is not None:
       base = t.get("baseline_train_all_sessions", t.get("baseline_train", 0.0))
       print(f"| {label.split(',')[0]}, single FedAvg on all {r['n']:,} clients | 1 | "
@@ -126,10 +157,7 @@ def paper_table(dataset: str) -> None:
     m, ca = zip(*[*paper["ca"].items(), *end])
     points = [("paper (its text)", list(m), list(ca))]
     plotting.plot_curves(
-        HERE / f"paper-{dataset}.png",
-        [(label, r["certified_accuracy"]["m"], r["certified_accuracy"]["ensemble"])
-         for label, r, _ in records],
-        points=points, title=f"{paper['title']}: the paper's stated values and our runs")
+        HERE / f"paper-{dataset}.png", curves, points=points, title=f"{paper['title']}: the paper's stated values and our runs")
 
 
 def main(argv=None):
