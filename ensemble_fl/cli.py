@@ -518,6 +518,61 @@ def create_unique_dir(root: Path, name: str) -> Path:
   raise AssertionError("unreachable")
 
 
+# ---------------------------------------------------------------------------
+# The plan studies' shared flags (experiments/plan_compare.py, plan_budget.py).
+# ---------------------------------------------------------------------------
+
+# FedAvg when no flag sets it. MNIST: the reference runs' settings at the paper's
+# N (60 rounds at the paper's lr 0.001 would leave the models untrained); HAR:
+# the CPU preset's.
+PLAN_STUDY_DEFAULTS = {
+    "mnist": dict(n=200, global_iters=60, lr=0.1, batch_size=8),
+    "har": dict(n=30, global_iters=10, lr=0.05, batch_size=32),
+}
+
+
+def add_plan_study_flags(parser: argparse.ArgumentParser, *, mnist_test_size: int) -> None:
+  """The data, FedAvg and output flags of a plan study; see :func:`plan_study_config`."""
+  parser.add_argument("--dataset", choices=tuple(PLAN_STUDY_DEFAULTS), default="mnist")
+  parser.add_argument("--n", type=int, help="clients (default: mnist 200; har: its 30 users)")
+  fedavg_help = ", ".join(f"{d}: {{{d}}}" for d in PLAN_STUDY_DEFAULTS)
+  for field in ("global_iters", "lr", "batch_size"):
+    shown = fedavg_help.format(**{d: v[field] for d, v in PLAN_STUDY_DEFAULTS.items()})
+    parser.add_argument(flag_name(field), dest=field, type=float if field == "lr" else int,
+                        help=f"(default {shown})")
+  parser.add_argument("--test-size", type=int,
+                      help=f"test inputs (default: mnist {mnist_test_size}; har: all)")
+  parser.set_defaults(mnist_test_size=mnist_test_size)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--checkpoint-root", type=Path,
+                      help="keep every ensemble's trained chunks in its own subfolder; a rerun "
+                           "resumes them")
+  parser.add_argument("--out", type=Path, required=True, help="new or empty folder")
+
+
+def plan_study_config(args: argparse.Namespace, **fields: Any) -> ExperimentConfig:
+  """The study's config (its data, FedAvg and seed; the plan is made by the script).
+
+  Fills the flags left unset with :data:`PLAN_STUDY_DEFAULTS` in ``args``
+  (so that a study's JSON records what ran); ``fields`` are the config's
+  plan fields (k, num_models, mode).
+
+  Raises:
+    ConfigError: a setting out of range (a ValueError).
+  """
+  for field, value in PLAN_STUDY_DEFAULTS[args.dataset].items():
+    if getattr(args, field) is None:
+      setattr(args, field, value)
+  if args.test_size is None and args.dataset == "mnist":
+    args.test_size = args.mnist_test_size
+  users = PLAN_STUDY_DEFAULTS["har"]["n"]
+  if args.dataset == "har" and args.n != users:
+    raise ConfigError("n_clients", f"(--n) must be HAR's {users} users, got {args.n}")
+  return ExperimentConfig(dataset=args.dataset, n_clients=args.n, global_iters=args.global_iters,
+                          lr=args.lr, batch_size=args.batch_size, test_size=args.test_size,
+                          seed=args.seed, **fields)
+
+
 def prepare_out_dir(out: Path | None, default_name: str, *, overwrite: bool = False,
                     resume: bool = False) -> tuple[Path, Path | None, Claim]:
   """Checks, creates and claims the output folder, before any work.

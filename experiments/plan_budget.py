@@ -1,7 +1,8 @@
 """Choose N and the plan from a training budget, and check the choice (issue #23).
 
-A budget of n*s client-model slots over n MNIST clients can buy N models of
-c = n*s/N clients each, for any N dividing it. This script
+A budget of n*s client-model slots over n MNIST clients (or HAR's 30 users, with
+--dataset har) can buy N models of c = n*s/N clients each, for any N dividing
+it. This script
 
 1. pilots every candidate group size c with a few models (Monte Carlo
    c-subsets, --pilot-models of them: a small share of the budget),
@@ -41,7 +42,6 @@ def _ints(text: str) -> list[int]:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--n", type=int, default=200, help="clients")
   p.add_argument("--s", type=int, default=5, help="models a client trains (budget n*s)")
   p.add_argument("--N", default="20,50,100,200", help="candidate numbers of models")
   p.add_argument("--levels", default="2,5,10", help="the m the score averages CA@m over")
@@ -49,17 +49,11 @@ def main(argv=None) -> int:
   p.add_argument("--measure", default="", help="plans to train in full and certify")
   p.add_argument("--pilot-models", type=int, default=8, help="pilot models a group size")
   p.add_argument("--draws", type=int, default=3, help="vote draws a prediction averages")
-  # The reference runs' FedAvg settings at the paper's N (experiments/README.md): 60 rounds
-  # at the paper's lr 0.001 would leave the models untrained.
-  p.add_argument("--global-iters", type=int, default=60)
-  p.add_argument("--lr", type=float, default=0.1)
-  p.add_argument("--batch-size", type=int, default=8)
-  p.add_argument("--test-size", type=int, default=1000)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--checkpoint-root", type=Path)
-  p.add_argument("--out", type=Path, required=True, help="new or empty folder")
+  cli.add_plan_study_flags(p, mnist_test_size=1000)
   args = p.parse_args(argv)
   try:
+    if args.n is None:
+      args.n = cli.PLAN_STUDY_DEFAULTS[args.dataset]["n"]
     sizes, levels = _ints(args.N), _ints(args.levels)
     plans = [x for x in args.plans.split(",") if x]
     measured_plans = [x for x in args.measure.split(",") if x]
@@ -76,17 +70,14 @@ def main(argv=None) -> int:
     for name in measured_plans:  # refuse a plan the budget cannot buy before any training
       for v in sizes:
         budget.budget_plan(name, args.n, spend, v, args.seed)
-    cfg = config.ExperimentConfig(dataset="mnist", n_clients=args.n, k=1, num_models=1,
-                                  mode="deterministic", global_iters=args.global_iters, lr=args.lr,
-                                  batch_size=args.batch_size,
-                                  test_size=args.test_size, seed=args.seed)
+    cfg = cli.plan_study_config(args, k=1, num_models=1, mode="deterministic")
     out, created, claim = cli.prepare_out_dir(args.out, "plan-budget")
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   try:
     data = experiment.load_data(cfg)
-    model = experiment.make_model("mnist", data.num_classes, data.x_test.shape[1:])
+    model = experiment.make_model(cfg.dataset, data.num_classes, data.x_test.shape[1:])
     fedavg = config.fedavg_config(cfg)
     timings = {}
 
@@ -161,7 +152,8 @@ def main(argv=None) -> int:
             curves.append((f"{name} {kind}", *map(np.asarray, zip(*pts))))
       png = plotting.plot_curves(staging / "plan_budget.png", curves, xlabel="models N",
                                  ylabel=f"mean CA at m = {args.levels}",
-                                 title=f"MNIST, n={args.n}, budget n*s={spend}")
+                                 title=f"{config.DATASETS[cfg.dataset].display_name}, "
+                                       f"n={args.n}, budget n*s={spend}")
       if png is not None:
         paths.append(png)
       return paths

@@ -1,9 +1,9 @@
 """Which plan and which vote certify most at the same training cost (issue #23).
 
-Trains, on the same MNIST clients, one ensemble per plan at equal cost (N
-models, n*s/N clients a model, every client in s models on average), labels
-the test set with every model's ranking, and certifies the deployed vote of
-each (plan public, no probability): plurality ("deterministic") and the
+Trains, on the same MNIST clients (or HAR's users, with --dataset har), one
+ensemble per plan at equal cost (N models, n*s/N clients a model, every client
+in s models on average), labels the test set with every model's ranking, and
+certifies the deployed vote of each (plan public, no probability): plurality ("deterministic") and the
 two-round vote ("runoff"). Writes plan_compare.csv (CA@m, one column per plan
 and vote), plan_compare.json (the settings, vote accuracy and timings) and
 plan_compare.png.
@@ -38,39 +38,29 @@ VOTES = ("deterministic", "runoff")
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--n", type=int, default=200, help="clients")
   p.add_argument("--N", type=int, default=100, help="models of every plan")
   p.add_argument("--s", type=int, default=5, help="models each client trains")
   p.add_argument("--plans", default=",".join(PLANS), help=f"from {','.join(PLANS)}")
-  # The reference runs' FedAvg settings at the paper's N (experiments/README.md): 60 rounds
-  # at the paper's lr 0.001 would leave the models untrained.
-  p.add_argument("--global-iters", type=int, default=60)
-  p.add_argument("--lr", type=float, default=0.1)
-  p.add_argument("--batch-size", type=int, default=8)
-  p.add_argument("--test-size", type=int, default=2000)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--checkpoint-root", type=Path)
-  p.add_argument("--out", type=Path, required=True, help="new or empty folder")
+  cli.add_plan_study_flags(p, mnist_test_size=2000)
   args = p.parse_args(argv)
   plans = args.plans.split(",")
   try:
     if not plans or any(x not in PLANS for x in plans):
       raise ValueError(f"--plans must name some of {PLANS}, got {args.plans!r}")
+    if args.n is None:
+      args.n = cli.PLAN_STUDY_DEFAULTS[args.dataset]["n"]
     if args.N % args.s or (args.n * args.s) % args.N:
       raise ValueError("--N must be divisible by --s and --n * --s by --N (equal cost per model)")
     # The plan is made here, not from cfg.
-    cfg = config.ExperimentConfig(dataset="mnist", n_clients=args.n, k=args.n * args.s // args.N,
-                                  num_models=args.N, mode="deterministic",
-                                  global_iters=args.global_iters, lr=args.lr,
-                                  batch_size=args.batch_size, test_size=args.test_size,
-                                  seed=args.seed)
+    cfg = cli.plan_study_config(args, k=args.n * args.s // args.N, num_models=args.N,
+                                mode="deterministic")
     out, created, claim = cli.prepare_out_dir(args.out, "plan-compare")
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   try:
     data = experiment.load_data(cfg)
-    model = experiment.make_model("mnist", data.num_classes, data.x_test.shape[1:])
+    model = experiment.make_model(cfg.dataset, data.num_classes, data.x_test.shape[1:])
     curves, summary = {}, {"settings": {**vars(args), "out": str(out),
                                         "checkpoint_root": str(args.checkpoint_root)},
                            "config": dataclasses.asdict(cfg), "plans": {}}
@@ -115,7 +105,8 @@ def main(argv=None) -> int:
       paths.append(staging / "plan_compare.json")
       png = plotting.plot_curves(staging / "plan_compare.png",
                                  [(k, m, ca) for k, (m, ca) in curves.items()],
-                                 title=f"MNIST, n={args.n}, N={args.N}, s={args.s}: deployed vote")
+                                 title=f"{config.DATASETS[cfg.dataset].display_name}, n={args.n}, "
+                                       f"N={args.N}, s={args.s}: deployed vote")
       if png is not None:
         paths.append(png)
       return paths

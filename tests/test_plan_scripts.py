@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ensemble_fl import cli
+
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
@@ -73,7 +75,27 @@ def test_plan_budget_recommends_and_measures(tmp_path):
   assert (out / "plan_budget.png").exists()
 
 
+def test_plan_budget_on_har_users_records_the_settings_it_ran(tmp_path):
+  out = tmp_path / "har"
+  argv = ["--dataset", "har", "--s", "1", "--N", "15,30", "--levels", "0", "--plans",
+          "replicated", "--measure", "replicated", "--pilot-models", "2", "--draws", "1",
+          "--global-iters", "1", "--out", str(out)]
+  assert _load("plan_budget").main(argv) == 0
+  summary = json.loads((out / "plan_budget.json").read_text())
+  # Unset flags take the HAR defaults, and the JSON says which ran.
+  har = cli.PLAN_STUDY_DEFAULTS["har"]
+  assert summary["settings"]["n"] == summary["config"]["n_clients"] == 30
+  assert summary["config"]["dataset"] == "har" and summary["config"]["test_size"] is None
+  assert (summary["settings"]["lr"], summary["settings"]["batch_size"]) == (har["lr"],
+                                                                            har["batch_size"])
+  assert summary["config"]["global_iters"] == 1
+  assert {(r["N"], r["c"]) for r in summary["rows"]} == {(15, 2), (30, 1)}
+  for r in summary["rows"]:  # deployed vote: everything is certified at m = 0
+    assert 0 < r["measured"][0] <= 1
+
+
 @pytest.mark.parametrize("flags,needle", [
+    (["--dataset", "har"], "HAR's 30 users"),
     (["--N", "3"], "divide"),
     (["--measure", "nonsense"], "plans must be"),
     (["--levels", "-1"], "--levels"),
