@@ -168,13 +168,29 @@ def budget_plan(name: str, n: int, budget: int, num_models: int, seed: int = 0
   return ensemble.make_plan("monte_carlo", n=n, k=c, num_models=num_models, seed=seed)
 
 
+def distinct_subsets(plan: ensemble.SubsamplePlan) -> tuple[int, np.ndarray]:
+  """How many distinct models ``plan`` trains, and which one each row is.
+
+  Equal rows of ``plan.subsets`` get the same training key, hence the same
+  model: training one of them is enough.
+
+  Returns:
+    ``(count, index)``: int, and int64 ``[N]`` in ``[0, count)``.
+  """
+  # Equal rows, not equal sets: the key is a function of the row as stored.
+  unique, index = np.unique(np.asarray(plan.subsets), axis=0, return_inverse=True)
+  return len(unique), index.reshape(-1).astype(np.int64)
+
+
 def predicted_accuracy(model: VoteModel, plan: ensemble.SubsamplePlan, m_values: Sequence[int],
                        *, group_size: int, draws: int = 3, seed: int = 0) -> np.ndarray:
   """Predicted CA@m of the deployed vote of ``plan``: float64 ``[len(m_values)]``.
 
   The mean, over ``draws`` independent draws of every model's votes from the
   shares of ``group_size`` (a pilot group size), of the deterministic
-  certificate's CA@m on the plan's own subsets.
+  certificate's CA@m on the plan's own subsets. Models of the same subset
+  share one draw: a model's training key follows from its subset
+  (``ensemble.subset_keys``), so they are the same model and vote alike.
 
   Raises:
     ValueError: ``group_size`` not in the pilot, ``draws`` < 1.
@@ -187,8 +203,9 @@ def predicted_accuracy(model: VoteModel, plan: ensemble.SubsamplePlan, m_values:
   shares = model.shares[group_size]
   rng = np.random.default_rng(seed)
   total = np.zeros(len(m_values))
+  _, model_of = distinct_subsets(plan)
   for _ in range(draws):
-    votes = draw_votes(shares, plan.num_models, rng)
+    votes = draw_votes(shares, int(model_of.max()) + 1, rng)[model_of]
     cert = certify.certify(votes, num_classes=shares.shape[1], n=plan.n, mode="deterministic",
                            subsets=plan.subsets)
     total += certify.certified_accuracy(cert, model.y_true, list(m_values))
@@ -197,7 +214,11 @@ def predicted_accuracy(model: VoteModel, plan: ensemble.SubsamplePlan, m_values:
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-  """One plan a budget buys, with its predicted CA at the levels asked for."""
+  """One plan a budget buys, with its predicted CA at the levels asked for.
+
+  ``distinct_models`` <= ``num_models``: the models of distinct subsets, the
+  only ones that need training (see :func:`distinct_subsets`).
+  """
 
   plan: str
   num_models: int
@@ -205,6 +226,7 @@ class Candidate:
   models_per_client: int
   predicted: tuple[float, ...]
   score: float
+  distinct_models: int
 
 
 def recommend(model: VoteModel, *, n: int, budget: int, levels: Sequence[int],
@@ -222,7 +244,8 @@ def recommend(model: VoteModel, *, n: int, budget: int, levels: Sequence[int],
     plans: which of :data:`PLANS` to consider.
 
   Returns:
-    Candidates sorted by decreasing score (ties: fewer models first). Group
+    Candidates sorted by decreasing score (ties: fewer distinct models to
+    train first, then fewer models). Group
     sizes that give no valid plan (N not dividing the budget, more groups than
     clients, ...) are left out.
 
@@ -250,8 +273,8 @@ def recommend(model: VoteModel, *, n: int, budget: int, levels: Sequence[int],
         continue
       ca = predicted_accuracy(model, plan, levels, group_size=c, draws=draws, seed=seed)
       out.append(Candidate(name, plan.num_models, c, budget // n, tuple(float(a) for a in ca),
-                           float(np.dot(w, ca) / w.sum())))
+                           float(np.dot(w, ca) / w.sum()), distinct_subsets(plan)[0]))
   if not out:
     raise ValueError(f"no plan of budget {budget} over n = {n} clients has a pilot group size "
                      f"({', '.join(map(str, model.group_sizes))})")
-  return sorted(out, key=lambda x: (-x.score, x.num_models))
+  return sorted(out, key=lambda x: (-x.score, x.distinct_models, x.num_models))

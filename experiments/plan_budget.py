@@ -12,8 +12,9 @@ it. This script
 3. with --measure, trains every candidate of the measured plans in full,
    certifies its deployed vote and ranks them again by what was measured.
 
-Writes plan_budget.csv (one row per plan and N: predicted and measured CA at
-each level and the score, their mean), plan_budget.json (settings, the
+Writes plan_budget.csv (one row per plan and N: the distinct models among the N,
+the only ones worth training since equal subsets train equal models; predicted
+and measured CA at each level and the score, their mean), plan_budget.json (settings, the
 recommendation, the measured optimum, pilot and training costs, timings) and
 plan_budget.png (score against N, predicted and measured).
 
@@ -102,6 +103,7 @@ def main(argv=None) -> int:
     ranked = budget.recommend(votes, n=args.n, budget=spend, levels=levels, plans=plans,
                               draws=args.draws, seed=args.seed)
     rows = {(r.plan, r.num_models): {"plan": r.plan, "N": r.num_models, "c": r.group_size,
+                                     "distinct": r.distinct_models,
                                      "predicted": list(r.predicted), "predicted_score": r.score}
             for r in ranked}
     for name in measured_plans:
@@ -111,7 +113,8 @@ def main(argv=None) -> int:
         cert = certify.certify(labels, num_classes=data.num_classes, n=args.n,
                                mode="deterministic", subsets=plan.subsets)
         ca = np.asarray(certify.certified_accuracy(cert, data.y_test, levels), np.float64)
-        row = rows.setdefault((name, v), {"plan": name, "N": v, "c": spend // v})
+        row = rows.setdefault((name, v), {"plan": name, "N": v, "c": spend // v,
+                                          "distinct": budget.distinct_subsets(plan)[0]})
         row.update(measured=ca.tolist(), measured_score=float(ca.mean()))
     table = sorted(rows.values(), key=lambda r: (r["plan"], r["N"]))
     best_measured = max((r for r in table if "measured" in r),
@@ -135,12 +138,12 @@ def main(argv=None) -> int:
       csv = staging / "plan_budget.csv"
       with open(csv, "w") as f:
         heads = [f"{kind}_ca@{m}" for kind in ("predicted", "measured") for m in levels]
-        f.write("plan,N,c," + ",".join(heads) + ",predicted_score,measured_score\n")
+        f.write("plan,N,c,distinct," + ",".join(heads) + ",predicted_score,measured_score\n")
         for r in table:
           cells = [f"{x:.4f}" for x in r.get("predicted", [np.nan] * len(levels))]
           cells += [f"{x:.4f}" for x in r.get("measured", [np.nan] * len(levels))]
           cells += [f"{r.get(k, np.nan):.4f}" for k in ("predicted_score", "measured_score")]
-          f.write(f"{r['plan']},{r['N']},{r['c']}," + ",".join(cells) + "\n")
+          f.write(f"{r['plan']},{r['N']},{r['c']},{r['distinct']}," + ",".join(cells) + "\n")
       results.write_json(staging / "plan_budget.json", summary)
       paths = [csv, staging / "plan_budget.json"]
       curves = []

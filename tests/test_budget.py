@@ -114,6 +114,48 @@ def test_unanimous_votes_predict_the_certificate_of_unanimous_votes():
   np.testing.assert_array_equal(budget.predicted_accuracy(model, plan, m, group_size=2), want)
 
 
+@pytest.mark.parametrize("name,n,budget_,num_models", [
+    ("replicated", 6, 12, 12), ("replicated", 6, 18, 9), ("monte_carlo", 5, 40, 20),
+    ("cyclic", 8, 16, 8), ("monte_carlo", 30, 60, 30)])
+def test_distinct_subsets_count_the_models_worth_training(name, n, budget_, num_models):
+  plan = budget.budget_plan(name, n, budget_, num_models, seed=2)
+  count, model_of = budget.distinct_subsets(plan)
+  rows = [tuple(r) for r in np.asarray(plan.subsets).tolist()]
+  first = {}  # brute force: the first row of each value, in order of appearance
+  for r in rows:
+    first.setdefault(r, len(first))
+  assert count == len(first) and model_of.shape == (num_models,)
+  # Rows share an index exactly when they are equal, and equal rows share the key.
+  for i in range(num_models):
+    for j in range(num_models):
+      assert (model_of[i] == model_of[j]) == (rows[i] == rows[j])
+      if rows[i] == rows[j]:
+        np.testing.assert_array_equal(plan.keys[i], plan.keys[j])
+
+
+def test_models_of_the_same_subset_are_predicted_to_vote_alike():
+  # n = 6 singletons, 3 replicas: 18 models, 6 distinct. A coin-flip vote
+  # model must give each copy of a model the same vote, so the prediction is
+  # that of the 6-model partition with every vote counted 3 times.
+  rng = np.random.default_rng(0)
+  y = rng.integers(0, 2, size=200)
+  shares = np.full((200, 2), 0.5)
+  model = budget.VoteModel({1: shares}, {1: 0.0}, y)
+  plan = budget.budget_plan("replicated", 6, 18, 18)
+  count, model_of = budget.distinct_subsets(plan)
+  assert count == 6
+  m = [0, 1, 2, 3]
+  got = budget.predicted_accuracy(model, plan, m, group_size=1, draws=1, seed=4)
+  votes = budget.draw_votes(shares, 6, np.random.default_rng(4))[model_of]
+  cert = certify.certify(votes, num_classes=2, n=6, mode="deterministic", subsets=plan.subsets)
+  np.testing.assert_array_equal(got, certify.certified_accuracy(cert, y, m))
+  # 18 independent draws would be a different (and wrong) prediction.
+  independent = budget.draw_votes(shares, 18, np.random.default_rng(4))
+  wrong = certify.certify(independent, num_classes=2, n=6, mode="deterministic",
+                          subsets=plan.subsets)
+  assert not np.array_equal(certify.certified_accuracy(wrong, y, m), got)
+
+
 def test_recommend_prefers_more_models_when_they_stay_as_good():
   y = np.arange(6) % 3
   model = _unanimous_model(6, 3, [1, 2, 3, 6], y)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ensemble_fl import cli
+from ensemble_fl import budget, cli
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -55,6 +55,8 @@ def test_plan_budget_recommends_and_measures(tmp_path):
                                                  for v in (4, 10)}
   for r in rows:
     assert r["c"] * r["N"] == 40
+    plan = budget.budget_plan(r["plan"], 20, 40, r["N"], 0)
+    assert r["distinct"] == len({tuple(row) for row in plan.subsets.tolist()})
     assert r["predicted_score"] == pytest.approx(np.mean(r["predicted"]))
     assert r["predicted"][0] >= r["predicted"][1]
     if r["plan"] == "replicated":
@@ -90,6 +92,8 @@ def test_plan_budget_on_har_users_records_the_settings_it_ran(tmp_path):
                                                                             har["batch_size"])
   assert summary["config"]["global_iters"] == 1
   assert {(r["N"], r["c"]) for r in summary["rows"]} == {(15, 2), (30, 1)}
+  # s = 1: one partition, every model's subset its own.
+  assert all(r["distinct"] == r["N"] for r in summary["rows"])
   for r in summary["rows"]:  # deployed vote: everything is certified at m = 0
     assert 0 < r["measured"][0] <= 1
 
