@@ -75,6 +75,29 @@ def test_compare_paper_table_rows_come_from_results_json(tmp_path, capsys, monke
   assert (tmp_path / f"paper-{key}.png").stat().st_size > 0
 
 
+def test_a_run_off_certificate_beside_a_run_adds_its_own_row(tmp_path, capsys, monkeypatch):
+  compare = _load("compare")
+  monkeypatch.setattr(compare, "HERE", tmp_path)
+  folder, label = compare.VS_PAPER["mnist"][0]
+  m = list(range(0, 12))
+  ca = [round(0.9 - 0.01 * i, 2) for i in m[:-1]] + [0.0]
+  (tmp_path / folder).mkdir()
+  (tmp_path / folder / "results.json").write_text(json.dumps(_record(500, m, ca)))
+  # certify's file: CA@m keyed by m as text, in no particular order.
+  runoff = {str(i): round(0.8 - 0.02 * i, 2) for i in reversed(range(0, 41))} | {"41": 0.0}
+  (tmp_path / folder / compare.RUNOFF_FILE).write_text(json.dumps(
+      {"certified_accuracy": runoff, "max_certified_level": 40, "abstained": 0}))
+  compare.paper_table("mnist")
+  lines = capsys.readouterr().out.splitlines()
+  at = next(i for i, line in enumerate(lines) if line.startswith(f"| {label} |"))
+  cells = [c.strip() for c in lines[at + 1].strip("|").split("|")]
+  assert cells[0] == "the models of the row above, run-off vote"
+  columns = compare.PAPER_COLUMNS["mnist"]
+  assert cells[6] == "0.800"  # its vote accuracy: the run-off winner's, CA@0
+  assert cells[7:7 + len(columns)] == [f"{runoff.get(str(c), 0.0):.3f}" for c in columns]
+  assert cells[7 + len(columns):] == ["40", "(the same)", "(the same)"]
+
+
 # The paper's row of each table, written out by hand from the paper's text.
 PAPER_ROWS = {
     "mnist": "| paper (its text) | 500 | 3,000 | 0.001 | 32 | 10,000 | – | – | – | 0.88 | – | – "

@@ -25,6 +25,7 @@ PLANS = {
               ("mnist-cpu-replicated-N200-s2", "2 partitions, N = 200")],
     "har": [("har-cpu-exact", "exact, 435 models"),
             ("har-cpu-partition-N15", "partition, N = 15"),
+            ("har-cpu-partition-N30", "partition, N = 30 (one user a model)"),
             ("har-cpu-replicated-N435-s29", "29 partitions, N = 435")],
 }
 PLAN_COLUMNS = {"mnist": (0, 5, 10, 20, 30, 40), "har": (0, 1, 2, 4, 5, 6, 7, 8)}
@@ -100,8 +101,21 @@ def settings(r: dict) -> str:
           f"{r['num_test']:,}")
 
 
+def with_runoff(records):
+  """``records`` with, after each run that has a run-off certificate, that
+  certificate as a record of its own: ``(label, record, folder or None)``."""
+  out = []
+  for label, r, folder in records:
+    out.append((label, r, folder))
+    runoff = runoff_record(folder)
+    if runoff is not None:
+      out.append(("the models of the row above, run-off vote",
+                  {**r, **runoff}, None))
+  return out
+
+
 def plans_table(dataset: str) -> None:
-  records = load(PLANS[dataset])
+  records = with_runoff(load(PLANS[dataset]))
   if not records:
     return
   plotting.plot_curves(HERE / f"compare-{dataset}.png",
@@ -126,26 +140,22 @@ def paper_table(dataset: str) -> None:
   print(f"| paper (its text) | {paper['settings']} | – | "
         + " | ".join(f"{paper['ca'][m]:.2f}" if m in paper["ca"] else "–" for m in cols)
         + f" | {paper['largest'] if paper['largest'] is not None else '–'} | – | – |")
-  curves = []
+  records = with_runoff(records)
+  curves = [(label, r["certified_accuracy"]["m"], r["certified_accuracy"]["ensemble"])
+            for label, r, _ in records]
   for label, r, folder in records:
-    curves.append((label, r["certified_accuracy"]["m"], r["certified_accuracy"]["ensemble"]))
     t = r["timings_s"]
-    train = (f"(those of `{SAME_MODELS[folder]}`)" if folder in SAME_MODELS
-             else minutes(t.get("train_all_sessions", t["train"])))
-    print(f"| {label} | {settings(r)} | {r['vote_accuracy']:.3f} | "
+    if folder is None:  # a run-off row: the models of the row above
+      train = predict = "(the same)"
+    else:
+      train = (f"(those of `{SAME_MODELS[folder]}`)" if folder in SAME_MODELS
+               else minutes(t.get("train_all_sessions", t["train"])))
+      predict = minutes(t["predict"])
+    accuracy = "–" if r["vote_accuracy"] is None else f"{r['vote_accuracy']:.3f}"
+    print(f"| {label} | {settings(r)} | {accuracy} | "
           + " | ".join(f"{ca_at(r, m):.3f}" for m in cols)
-          + f" | {r['max_certified_level']} | {train} | {minutes(t['predict'])} |")
-    runoff = runoff_record(folder)
-    if runoff is not None:
-      run_label = f"{label.split(',')[0]}, the same models, run-off vote"
-      curves.append((run_label, runoff["certified_accuracy"]["m"],
-                     runoff["certified_accuracy"]["ensemble"]))
-      accuracy = runoff["vote_accuracy"]
-      print(f"| {run_label} | {settings(r)} | "
-            + ("–" if accuracy is None else f"{accuracy:.3f}") + " | "
-            + " | ".join(f"{ca_at(runoff, m):.3f}" for m in cols)
-            + f" | {runoff['max_certified_level']} | (the same) | (the same) |")
-    if r.get("baseline_accuracy") is not None:
+          + f" | {r['max_certified_level']} | {train} | {predict} |")
+    if folder is not None and r.get("baseline_accuracy") is not None:
       base = t.get("baseline_train_all_sessions", t.get("baseline_train", 0.0))
       print(f"| {label.split(',')[0]}, single FedAvg on all {r['n']:,} clients | 1 | "
             f"{r['config']['global_iters']:,} | {r['config']['lr']:g} | "
