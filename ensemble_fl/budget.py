@@ -168,20 +168,6 @@ def budget_plan(name: str, n: int, budget: int, num_models: int, seed: int = 0
   return ensemble.make_plan("monte_carlo", n=n, k=c, num_models=num_models, seed=seed)
 
 
-def distinct_subsets(plan: ensemble.SubsamplePlan) -> tuple[int, np.ndarray]:
-  """How many distinct models ``plan`` trains, and which one each row is.
-
-  Equal rows of ``plan.subsets`` get the same training key, hence the same
-  model: training one of them is enough.
-
-  Returns:
-    ``(count, index)``: int, and int64 ``[N]`` in ``[0, count)``.
-  """
-  # Equal rows, not equal sets: the key is a function of the row as stored.
-  unique, index = np.unique(np.asarray(plan.subsets), axis=0, return_inverse=True)
-  return len(unique), index.reshape(-1).astype(np.int64)
-
-
 def predicted_accuracy(model: VoteModel, plan: ensemble.SubsamplePlan, m_values: Sequence[int],
                        *, group_size: int, draws: int = 3, seed: int = 0) -> np.ndarray:
   """Predicted CA@m of the deployed vote of ``plan``: float64 ``[len(m_values)]``.
@@ -203,7 +189,7 @@ def predicted_accuracy(model: VoteModel, plan: ensemble.SubsamplePlan, m_values:
   shares = model.shares[group_size]
   rng = np.random.default_rng(seed)
   total = np.zeros(len(m_values))
-  _, model_of = distinct_subsets(plan)
+  _, model_of = ensemble.distinct_subsets(plan)
   for _ in range(draws):
     votes = draw_votes(shares, int(model_of.max()) + 1, rng)[model_of]
     cert = certify.certify(votes, num_classes=shares.shape[1], n=plan.n, mode="deterministic",
@@ -217,7 +203,7 @@ class Candidate:
   """One plan a budget buys, with its predicted CA at the levels asked for.
 
   ``distinct_models`` <= ``num_models``: the models of distinct subsets, the
-  only ones that need training (see :func:`distinct_subsets`).
+  only ones that need training (see ``ensemble.distinct_subsets``).
   """
 
   plan: str
@@ -272,8 +258,9 @@ def recommend(model: VoteModel, *, n: int, budget: int, levels: Sequence[int],
       except ValueError:
         continue
       ca = predicted_accuracy(model, plan, levels, group_size=c, draws=draws, seed=seed)
+      distinct = ensemble.distinct_subsets(plan)[0]
       out.append(Candidate(name, plan.num_models, c, budget // n, tuple(float(a) for a in ca),
-                           float(np.dot(w, ca) / w.sum()), distinct_subsets(plan)[0]))
+                           float(np.dot(w, ca) / w.sum()), distinct))
   if not out:
     raise ValueError(f"no plan of budget {budget} over n = {n} clients has a pilot group size "
                      f"({', '.join(map(str, model.group_sizes))})")

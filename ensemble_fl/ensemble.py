@@ -183,6 +183,20 @@ def partition_hash(client_ids: np.ndarray, seed: int) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
+def distinct_subsets(plan: SubsamplePlan) -> tuple[int, np.ndarray]:
+  """How many distinct models ``plan`` trains, and which one each row is.
+
+  Equal rows of ``plan.subsets`` get the same training key, hence the same
+  model: training one of them is enough.
+
+  Returns:
+    ``(count, index)``: int, and int64 ``[N]`` in ``[0, count)``.
+  """
+  # Equal rows, not equal sets: the key is a function of the row as stored.
+  unique, index = np.unique(np.asarray(plan.subsets), axis=0, return_inverse=True)
+  return len(unique), index.reshape(-1).astype(np.int64)
+
+
 def make_plan(mode: str, *, n: int, k: int | None = None, num_models: int | None = None,
               seed: int = 0, replicas: int = 1) -> SubsamplePlan:
   """Builds the subsets and keys of every model.

@@ -370,6 +370,11 @@ def run(
 
   model = make_model(cfg.dataset, data.num_classes, data.clients.feature_shape)
   plan = make_plan(cfg, spec, n, seed)
+  distinct = ensemble.distinct_subsets(plan)[0]
+  if distinct < plan.num_models:
+    log(f"note: the plan's {plan.num_models} models have only {distinct} distinct client "
+        "subsets; models of the same subset get the same key, so they are the same model "
+        "(trained again for every copy)")
   with progress_lib.timed(timings, "train", log):
     params = train_models(cfg, model, data.clients, plan,
                           progress(f"ensemble ({spec.num_models} models)"),

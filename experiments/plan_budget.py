@@ -114,7 +114,7 @@ def main(argv=None) -> int:
                                mode="deterministic", subsets=plan.subsets)
         ca = np.asarray(certify.certified_accuracy(cert, data.y_test, levels), np.float64)
         row = rows.setdefault((name, v), {"plan": name, "N": v, "c": spend // v,
-                                          "distinct": budget.distinct_subsets(plan)[0]})
+                                          "distinct": ensemble.distinct_subsets(plan)[0]})
         row.update(measured=ca.tolist(), measured_score=float(ca.mean()))
     table = sorted(rows.values(), key=lambda r: (r["plan"], r["N"]))
     best_measured = max((r for r in table if "measured" in r),

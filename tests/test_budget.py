@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from ensemble_fl import budget, certify
+from ensemble_fl import budget, certify, ensemble
 
 
 def _loo_reference(labels, num_classes, beta):
@@ -119,7 +119,7 @@ def test_unanimous_votes_predict_the_certificate_of_unanimous_votes():
     ("cyclic", 8, 16, 8), ("monte_carlo", 30, 60, 30)])
 def test_distinct_subsets_count_the_models_worth_training(name, n, budget_, num_models):
   plan = budget.budget_plan(name, n, budget_, num_models, seed=2)
-  count, model_of = budget.distinct_subsets(plan)
+  count, model_of = ensemble.distinct_subsets(plan)
   rows = [tuple(r) for r in np.asarray(plan.subsets).tolist()]
   first = {}  # brute force: the first row of each value, in order of appearance
   for r in rows:
@@ -142,7 +142,7 @@ def test_models_of_the_same_subset_are_predicted_to_vote_alike():
   shares = np.full((200, 2), 0.5)
   model = budget.VoteModel({1: shares}, {1: 0.0}, y)
   plan = budget.budget_plan("replicated", 6, 18, 18)
-  count, model_of = budget.distinct_subsets(plan)
+  count, model_of = ensemble.distinct_subsets(plan)
   assert count == 6
   m = [0, 1, 2, 3]
   got = budget.predicted_accuracy(model, plan, m, group_size=1, draws=1, seed=4)

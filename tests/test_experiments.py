@@ -10,6 +10,7 @@ this process (``cli.main`` returns the exit status), which needs no start-up.
 import argparse
 import csv
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -593,6 +594,25 @@ def test_a_cyclic_run_trains_the_cyclic_plan_and_certifies_its_deployed_vote(num
   record = results.result_to_dict(result, environment={})
   assert (record["mode"], record["replicas"], record["k"]) == ("cyclic", replicas, None)
   assert "k" in record["config_unused"] and "k=" not in results.run_title(result)
+
+
+@pytest.mark.parametrize("replicas,distinct", [(1, None), (2, 6), (3, 6)])
+def test_a_plan_with_repeated_subsets_is_named_and_its_copies_vote_alike(replicas, distinct):
+  # 6 clients in 6 one-client groups, `replicas` times: 6 distinct models.
+  data = synthetic_data()
+  cfg = config.ExperimentConfig(**TINY_CFG, num_models=6 * replicas, lr=0.1, mode="partition",
+                                replicas=replicas)
+  lines = []
+  result = experiment.run(cfg, data=data, log=lines.append)
+  notes = [line for line in lines if "distinct client subsets" in line]
+  if distinct is None:
+    assert notes == []
+    return
+  assert len(notes) == 1 and f"only {distinct} distinct" in notes[0]
+  rows = [tuple(r) for r in result.plan.subsets.tolist()]
+  for i, j in itertools.combinations(range(len(rows)), 2):
+    if rows[i] == rows[j]:
+      np.testing.assert_array_equal(result.predictions[i], result.predictions[j])
 
 
 def test_public_plan_seed_defaults_to_the_seed():
