@@ -440,9 +440,9 @@ def test_config_errors_name_the_field_for_the_library_and_the_flag_for_the_cli()
   with pytest.raises(config.ConfigError) as e:
     config.ExperimentConfig(mode="monte_carlo", replicas=2)
   assert e.value.field == "replicas"
-  assert str(e.value) == "replicas is only valid with mode partition, got mode monte_carlo"
+  assert str(e.value) == "replicas is only valid with mode partition or cyclic, got mode monte_carlo"
   assert e.value.describe(cli.flag_name) == \
-      "--replicas is only valid with --mode partition, got --mode monte_carlo"
+      "--replicas is only valid with --mode partition or cyclic, got --mode monte_carlo"
   with pytest.raises(config.ConfigError,
                      match=r"^num_models must be an integer in \[1, 2147483647\], got True"):
     config.ExperimentConfig(num_models=True)
