@@ -647,6 +647,9 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
 
   Returns:
     Host numpy params pytree; every leaf has a leading model axis ``N``.
+    Rows of ``plan`` with equal subsets (hence equal keys) are one model,
+    trained once and copied (:func:`distinct_subsets`); ``progress`` and the
+    checkpoint count the distinct models.
 
   Raises:
     ValueError: bad clients (see ``validate_clients``), a model that does not
@@ -672,6 +675,22 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
   clients = ClientData(*clients)
   n = clients.num_clients
   _validate_plan(plan, n, config)
+  count, model_of = distinct_subsets(plan)
+  if count < plan.num_models:
+    # Equal rows have the same clients and key, so the same model (bit for
+    # bit on one device, whatever the chunk): train each once, then copy.
+    first = np.full(count, plan.num_models)
+    np.minimum.at(first, model_of, np.arange(plan.num_models))
+    distinct = dataclasses.replace(plan, subsets=plan.subsets[first], keys=plan.keys[first])
+    trained = train_ensemble(init_fn, apply_fn, clients, distinct, config,
+                             chunk_size=chunk_size, progress=progress,
+                             checkpoint_dir=checkpoint_dir, fingerprint_extra=fingerprint_extra,
+                             attack=attack, mesh=mesh, nonfinite="ignore")
+    trained = jax.tree_util.tree_map(lambda leaf: leaf[model_of], trained)
+    _report_nonfinite(nonfinite_models(trained), plan.num_models, "ended training with NaN or "
+                      "inf parameters", "they diverged (a smaller learning rate may help)",
+                      nonfinite)
+    return trained
   if attack is not None:
     attack.check_compatible(clients)
     fingerprint_extra = {**(fingerprint_extra or {}),

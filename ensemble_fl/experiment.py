@@ -374,7 +374,7 @@ def run(
   if distinct < plan.num_models:
     log(f"note: the plan's {plan.num_models} models have only {distinct} distinct client "
         "subsets; models of the same subset get the same key, so they are the same model "
-        "(trained again for every copy)")
+        "(trained once and copied)")
   with progress_lib.timed(timings, "train", log):
     params = train_models(cfg, model, data.clients, plan,
                           progress(f"ensemble ({spec.num_models} models)"),

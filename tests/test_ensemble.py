@@ -30,7 +30,9 @@ def mc_params(clients, mc_plan):
   calls = []
   params = ensemble.train_ensemble(init_fn, apply_fn, clients, mc_plan, CONFIG, chunk_size=3,
                                    progress=lambda done, total: calls.append((done, total)))
-  assert calls == [(3, 7), (6, 7), (7, 7)]
+  # Two of the 7 draws repeat a subset: 5 distinct models, in chunks of 3.
+  assert ensemble.distinct_subsets(mc_plan)[0] == 5
+  assert calls == [(3, 5), (5, 5)]
   return params
 
 
@@ -135,6 +137,37 @@ def test_monte_carlo_models_equal_their_exact_twins_bit_for_bit(clients):
   pick = np.array([row[tuple(s)] for s in mc.subsets.tolist()])
   for a, b in zip(leaves(got), leaves(want)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b)[pick])
+
+
+@pytest.mark.parametrize("plan_kwargs,distinct", [
+    (dict(mode="partition", n=6, num_models=18, replicas=3), 6),   # 3 copies of 6 singletons
+    (dict(mode="monte_carlo", n=4, k=2, num_models=20, seed=2), 6),  # C(4, 2) = 6 subsets
+])
+def test_equal_subsets_are_trained_once_and_copied(clients, plan_kwargs, distinct, tmp_path):
+  plan = ensemble.make_plan(**plan_kwargs)
+  if plan.n != clients.num_clients:
+    clients = make_clients(sizes=SIZES[:plan.n])
+  calls = []
+  got = ensemble.train_ensemble(init_fn, apply_fn, clients, plan, CONFIG, chunk_size=4,
+                                progress=lambda done, total: calls.append((done, total)),
+                                checkpoint_dir=tmp_path)
+  # Only the distinct models were trained (and checkpointed) ...
+  assert calls[-1] == (distinct, distinct)
+  # ... and every row is its model: each row trained on its own, the sequential reference.
+  want = sequential_reference(clients, plan)
+  for a, b in zip(leaves(got), leaves(want)):
+    assert a.shape[0] == plan.num_models
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  rows = [tuple(r) for r in plan.subsets.tolist()]
+  for i, j in itertools.combinations(range(plan.num_models), 2):
+    if rows[i] == rows[j]:
+      for a in leaves(got):
+        np.testing.assert_array_equal(a[i], a[j])
+  # A rerun resumes the distinct models from the checkpoint, the same bits.
+  again = ensemble.train_ensemble(init_fn, apply_fn, clients, plan, CONFIG, chunk_size=4,
+                                  checkpoint_dir=tmp_path)
+  for a, b in zip(leaves(got), leaves(again)):
+    np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("n,num,replicas", [(20, 8, 2), (1000, 500, 5), (7, 21, 3), (9, 4, 4)])

@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -214,6 +215,18 @@ def test_har_cli_exact_mode(cli_runs):
   assert "30/30" in proc.stderr and "single FedAvg" in proc.stdout
 
 
+def _claimed(path: Path) -> bool:
+  """Whether a live run holds the claim file ``path``: its flock is listed in
+  /proc/locks (read, not probed, so that the test never holds the lock itself)."""
+  try:
+    inode = os.stat(path).st_ino
+  except FileNotFoundError:
+    return False
+  with open("/proc/locks") as f:
+    return any(fields[1] == "FLOCK" and fields[5].endswith(f":{inode}")
+               for fields in (line.split() for line in f) if len(fields) > 5)
+
+
 def test_har_rerun_with_checkpoint_resumes_and_refuses_other_settings(cli_runs, tmp_path):
   out, first = get_run(cli_runs, "har")
   assert (out / "checkpoint" / "ensemble" / "manifest.json").is_file()
@@ -225,6 +238,11 @@ def test_har_rerun_with_checkpoint_resumes_and_refuses_other_settings(cli_runs, 
   command = ("har.py", *HAR_TINY, "--checkpoint", "--data-dir", DATA, "--out", out)
   rerun = subprocess.Popen(_command(*command), cwd=REPO, env=_ENV, text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  # The other run starts once the rerun holds the folder (else it may take it first).
+  deadline = time.monotonic() + 120
+  while not _claimed(out / cli.CLAIM_NAME) and rerun.poll() is None:
+    assert time.monotonic() < deadline, "the rerun never claimed its folder"
+    time.sleep(0.05)
   other = run_cli(*command, "--lr", "0.5", check=False)
   stdout, stderr = rerun.communicate(timeout=300)
   assert rerun.returncode == 0, stderr[-3000:]

@@ -124,7 +124,7 @@ def test_complete_checkpoint_trains_nothing(child, uninterrupted, tmp_path):
 # In-process: what a user can do to a checkpoint folder between two runs.
 
 _CONFIG = FedAvgConfig(global_iters=3, local_iters=2, lr=0.3, batch_size=4)
-_PLAN = ensemble.make_plan("monte_carlo", n=6, k=3, num_models=6, seed=3)  # 2 chunks of 3
+_PLAN = ensemble.make_plan("monte_carlo", n=6, k=3, num_models=6, seed=0)  # 6 distinct: 2 chunks of 3
 
 
 def _train(run_dir, config=_CONFIG):
