@@ -363,7 +363,8 @@ def run(
   seed = plan_seed(cfg, checkpoint_dir)
   log(f"{data.source}; {spec.mode} mode, N = {spec.num_models} models"
       + (f", k = {cfg.k}" if spec.uses_k else "")
-      + (f", {spec.replicas} replicas" if spec.replicas > 1 else "")
+      + (f", {spec.replicas} {'buckets a model' if spec.mode == 'cyclic' else 'replicas'}"
+         if spec.replicas > 1 else "")
       + ("; secret plan" if cfg.secret_plan else f"; plan seed {seed}")
       + f"; {len(data.y_test)} test inputs")
   progress = progress_factory or (lambda desc: None)
