@@ -189,9 +189,9 @@ def predicted_accuracy(model: VoteModel, plan: ensemble.SubsamplePlan, m_values:
   shares = model.shares[group_size]
   rng = np.random.default_rng(seed)
   total = np.zeros(len(m_values))
-  _, model_of = ensemble.distinct_subsets(plan)
+  count, model_of = ensemble.distinct_subsets(plan)
   for _ in range(draws):
-    votes = draw_votes(shares, int(model_of.max()) + 1, rng)[model_of]
+    votes = draw_votes(shares, count, rng)[model_of]
     cert = certify.certify(votes, num_classes=shares.shape[1], n=plan.n, mode="deterministic",
                            subsets=plan.subsets)
     total += certify.certified_accuracy(cert, model.y_true, list(m_values))

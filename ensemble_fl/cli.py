@@ -532,7 +532,7 @@ PLAN_STUDY_DEFAULTS = {
 
 
 def add_plan_study_flags(parser: argparse.ArgumentParser, *, mnist_test_size: int) -> None:
-  """The data, FedAvg and output flags of a plan study; see :func:`plan_study_config`."""
+  """The data, FedAvg and output flags of a plan study; see :func:`complete_plan_study_args`."""
   parser.add_argument("--dataset", choices=tuple(PLAN_STUDY_DEFAULTS), default="mnist")
   parser.add_argument("--n", type=int, help="clients (default: mnist 200; har: its 30 users)")
   fedavg_help = ", ".join(f"{d}: {{{d}}}" for d in PLAN_STUDY_DEFAULTS)
@@ -550,15 +550,12 @@ def add_plan_study_flags(parser: argparse.ArgumentParser, *, mnist_test_size: in
   parser.add_argument("--out", type=Path, required=True, help="new or empty folder")
 
 
-def plan_study_config(args: argparse.Namespace, **fields: Any) -> ExperimentConfig:
-  """The study's config (its data, FedAvg and seed; the plan is made by the script).
-
-  Fills the flags left unset with :data:`PLAN_STUDY_DEFAULTS` in ``args``
-  (so that a study's JSON records what ran); ``fields`` are the config's
-  plan fields (k, num_models, mode).
+def complete_plan_study_args(args: argparse.Namespace) -> None:
+  """Fills the flags left unset with :data:`PLAN_STUDY_DEFAULTS`, in ``args``
+  (so that a study's JSON records what ran).
 
   Raises:
-    ConfigError: a setting out of range (a ValueError).
+    ConfigError: ``--n`` other than HAR's users on HAR (a ValueError).
   """
   for field, value in PLAN_STUDY_DEFAULTS[args.dataset].items():
     if getattr(args, field) is None:
@@ -568,6 +565,16 @@ def plan_study_config(args: argparse.Namespace, **fields: Any) -> ExperimentConf
   users = PLAN_STUDY_DEFAULTS["har"]["n"]
   if args.dataset == "har" and args.n != users:
     raise ConfigError("n_clients", f"(--n) must be HAR's {users} users, got {args.n}")
+
+
+def plan_study_config(args: argparse.Namespace, **fields: Any) -> ExperimentConfig:
+  """The study's config (its data, FedAvg and seed; the plan is made by the script)
+  from ``args`` completed by :func:`complete_plan_study_args`; ``fields`` are the
+  config's plan fields (k, num_models, mode).
+
+  Raises:
+    ConfigError: a setting out of range (a ValueError).
+  """
   return ExperimentConfig(dataset=args.dataset, n_clients=args.n, global_iters=args.global_iters,
                           lr=args.lr, batch_size=args.batch_size, test_size=args.test_size,
                           seed=args.seed, **fields)

@@ -679,8 +679,7 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
   if count < plan.num_models:
     # Equal rows have the same clients and key, so the same model (bit for
     # bit on one device, whatever the chunk): train each once, then copy.
-    first = np.full(count, plan.num_models)
-    np.minimum.at(first, model_of, np.arange(plan.num_models))
+    first = np.unique(model_of, return_index=True)[1]  # each model's first row
     distinct = dataclasses.replace(plan, subsets=plan.subsets[first], keys=plan.keys[first])
     trained = train_ensemble(init_fn, apply_fn, clients, distinct, config,
                              chunk_size=chunk_size, progress=progress,

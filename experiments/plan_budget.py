@@ -12,11 +12,12 @@ it. This script
 3. with --measure, trains every candidate of the measured plans in full,
    certifies its deployed vote and ranks them again by what was measured.
 
-Writes plan_budget.csv (one row per plan and N: the distinct models among the N,
-the only ones worth training since equal subsets train equal models; predicted
-and measured CA at each level and the score, their mean), plan_budget.json (settings, the
-recommendation, the measured optimum, pilot and training costs, timings) and
-plan_budget.png (score against N, predicted and measured).
+Writes plan_budget.csv (one row per plan and N: the distinct models among the
+N, the only ones worth training since equal subsets train equal models;
+predicted and measured CA at each level and the score, their mean),
+plan_budget.json (settings, the recommendation, the measured optimum, pilot and
+training costs, timings) and plan_budget.png (score against N, predicted and
+measured).
 
 Usage:
   python experiments/plan_budget.py --n 200 --s 5 --N 20,50,100,200 --levels 2,5,10 \\
@@ -53,8 +54,7 @@ def main(argv=None) -> int:
   cli.add_plan_study_flags(p, mnist_test_size=1000)
   args = p.parse_args(argv)
   try:
-    if args.n is None:
-      args.n = cli.PLAN_STUDY_DEFAULTS[args.dataset]["n"]
+    cli.complete_plan_study_args(args)
     sizes, levels = _ints(args.N), _ints(args.levels)
     plans = [x for x in args.plans.split(",") if x]
     measured_plans = [x for x in args.measure.split(",") if x]

@@ -3,10 +3,10 @@
 Trains, on the same MNIST clients (or HAR's users, with --dataset har), one
 ensemble per plan at equal cost (N models, n*s/N clients a model, every client
 in s models on average), labels the test set with every model's ranking, and
-certifies the deployed vote of each (plan public, no probability): plurality ("deterministic") and the
-two-round vote ("runoff"). Writes plan_compare.csv (CA@m, one column per plan
-and vote), plan_compare.json (the settings, vote accuracy and timings) and
-plan_compare.png.
+certifies the deployed vote of each (plan public, no probability): plurality
+("deterministic") and the two-round vote ("runoff"). Writes plan_compare.csv
+(CA@m, one column per plan and vote), plan_compare.json (the settings, vote
+accuracy and timings) and plan_compare.png.
 
 Usage:
   python experiments/plan_compare.py --n 200 --N 100 --s 5 --test-size 2000 \
@@ -47,8 +47,7 @@ def main(argv=None) -> int:
   try:
     if not plans or any(x not in PLANS for x in plans):
       raise ValueError(f"--plans must name some of {PLANS}, got {args.plans!r}")
-    if args.n is None:
-      args.n = cli.PLAN_STUDY_DEFAULTS[args.dataset]["n"]
+    cli.complete_plan_study_args(args)
     if args.N % args.s or (args.n * args.s) % args.N:
       raise ValueError("--N must be divisible by --s and --n * --s by --N (equal cost per model)")
     # The plan is made here, not from cfg.

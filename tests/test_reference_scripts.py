@@ -86,7 +86,7 @@ def test_a_run_off_certificate_beside_a_run_adds_its_own_row(tmp_path, capsys, m
   # certify's file: CA@m keyed by m as text, in no particular order.
   runoff = {str(i): round(0.8 - 0.02 * i, 2) for i in reversed(range(0, 41))} | {"41": 0.0}
   (tmp_path / folder / compare.RUNOFF_FILE).write_text(json.dumps(
-      {"certified_accuracy": runoff, "max_certified_level": 40, "abstained": 0}))
+      {"certified_accuracy": runoff, "max_certified_level": 40, "vote_accuracy": 0.8}))
   compare.paper_table("mnist")
   lines = capsys.readouterr().out.splitlines()
   at = next(i for i, line in enumerate(lines) if line.startswith(f"| {label} |"))

@@ -78,8 +78,7 @@ def runoff_record(folder: str) -> dict | None:
   return {"certified_accuracy": {"m": m, "ensemble": [cert["certified_accuracy"][str(v)]
                                                       for v in m]},
           "max_certified_level": cert["max_certified_level"],
-          # every input gets a level >= 0 unless abstained: CA@0 is the run-off winner's accuracy
-          "vote_accuracy": cert["certified_accuracy"]["0"] if not cert["abstained"] else None}
+          "vote_accuracy": cert["vote_accuracy"]}  # the run-off winner's
 
 
 def load(folders):
@@ -151,8 +150,7 @@ def paper_table(dataset: str) -> None:
       train = (f"(those of `{SAME_MODELS[folder]}`)" if folder in SAME_MODELS
                else minutes(t.get("train_all_sessions", t["train"])))
       predict = minutes(t["predict"])
-    accuracy = "–" if r["vote_accuracy"] is None else f"{r['vote_accuracy']:.3f}"
-    print(f"| {label} | {settings(r)} | {accuracy} | "
+    print(f"| {label} | {settings(r)} | {r['vote_accuracy']:.3f} | "
           + " | ".join(f"{ca_at(r, m):.3f}" for m in cols)
           + f" | {r['max_certified_level']} | {train} | {predict} |")
     if folder is not None and r.get("baseline_accuracy") is not None:
