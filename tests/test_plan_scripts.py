@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 
 from ensemble_fl import budget, cli
+from ensemble_fl.data import paths
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+DATA = paths.default_data_dir()
+needs_mnist = pytest.mark.skipif(
+    DATA is None or not (DATA / "mnist" / "train-images-idx3-ubyte.gz").is_file(),
+    reason="MNIST files not in the data root")
+needs_hapt = pytest.mark.skipif(DATA is None or not (DATA / "hapt" / "hapt_raw.npz").is_file(),
+                                reason="HAPT file not in the data root")
 
 
 def _load(name):
@@ -26,6 +33,7 @@ def _columns(path):
   return {key: np.array([float(r[key]) for r in rows]) for key in rows[0]}
 
 
+@needs_mnist
 def test_plan_compare_certifies_every_plan_and_vote(tmp_path):
   out = tmp_path / "compare"
   argv = ["--n", "20", "--N", "10", "--s", "2", "--global-iters", "1", "--test-size", "40",
@@ -43,6 +51,7 @@ def test_plan_compare_certifies_every_plan_and_vote(tmp_path):
       assert ca[0] == pytest.approx(info[vote]["vote_accuracy"], abs=1e-4)
 
 
+@needs_mnist
 def test_plan_budget_recommends_and_measures(tmp_path):
   out = tmp_path / "budget"
   argv = ["--n", "20", "--s", "2", "--N", "4,10", "--levels", "0,1", "--plans",
@@ -77,6 +86,7 @@ def test_plan_budget_recommends_and_measures(tmp_path):
   assert (out / "plan_budget.png").exists()
 
 
+@needs_hapt
 def test_plan_budget_on_har_users_records_the_settings_it_ran(tmp_path):
   out = tmp_path / "har"
   argv = ["--dataset", "har", "--s", "1", "--N", "15,30", "--levels", "0", "--plans",
