@@ -145,6 +145,8 @@ class TrainingConfig:
     alpha: 1 - confidence of the Monte Carlo bounds.
     q: MNIST non-IID degree.
     global_iters, local_iters, lr, batch_size, aggregator: FedAvg.
+    max_shift: FedAvg's local augmentation (``FedAvgConfig.max_shift``);
+      images only, so MNIST.
     seed: seeds the client split, the plan (unless ``plan_seed``) and all
       training keys.
     data_dir: data root (holding mnist/, hapt/, har/) or the data set's own
@@ -179,6 +181,9 @@ class TrainingConfig:
   local_iters: int = _field(5, "local SGD steps per round")
   lr: float = _field(0.001, "local learning rate")
   batch_size: int = _field(32, "local minibatch size")
+  max_shift: int = _field(0, "translate every local minibatch image by a random offset of up to "
+                             "this many pixels on each axis (data augmentation; 0 = none, the "
+                             "paper's; MNIST only)")
   aggregator: str = _field("mean", "FedAvg aggregation rule", choices=AGGREGATORS)
   seed: int = _field(0, "random seed")
   data_dir: str | None = _field(
@@ -432,7 +437,8 @@ def public_plan_seed(cfg: TrainingConfig) -> int | None:
 def fedavg_config(cfg: TrainingConfig) -> fedavg.FedAvgConfig:
   """The trainer's :class:`FedAvgConfig` of ``cfg``."""
   return fedavg.FedAvgConfig(global_iters=cfg.global_iters, local_iters=cfg.local_iters,
-                             lr=cfg.lr, batch_size=cfg.batch_size, aggregator=cfg.aggregator)
+                             lr=cfg.lr, batch_size=cfg.batch_size, aggregator=cfg.aggregator,
+                             max_shift=cfg.max_shift)
 
 
 # ---------------------------------------------------------------------------
@@ -481,6 +487,10 @@ def validate(cfg: TrainingConfig) -> None:
                 "batch_size"):
     _check_int(cfg, field, 1, INT32_MAX)
   _check_int(cfg, "seed", 0, _MAX_SEED)
+  _check_int(cfg, "max_shift", 0, 13)  # an MNIST image is 28 x 28
+  _require(cfg.max_shift == 0 or cfg.dataset == "mnist", "max_shift",
+           f"shifts images, but {DATASETS[cfg.dataset].display_name}'s inputs are feature "
+           f"vectors; got {cfg.max_shift}")
   _check_int(cfg, "plan_seed", 0, _MAX_SEED, optional=True)
   _check_int(cfg, "chunk_size", 1, INT32_MAX, optional=True)
   _check_int(cfg, "test_size", 1, INT32_MAX, optional=True)

@@ -581,9 +581,12 @@ def _fingerprint(config, plan, clients, template, chunk, num_devices, platform,
                  extra) -> dict[str, Any]:
   """Everything that determines a checkpointed run's chunks (see ChunkStore)."""
   leaves, _ = jax.tree_util.tree_flatten_with_path(template)
+  fedavg = dataclasses.asdict(config)
+  if fedavg["max_shift"] == 0:
+    del fedavg["max_shift"]  # so checkpoints written before the field existed still resume
   return {
       "format": 1,
-      "fedavg": dataclasses.asdict(config),
+      "fedavg": fedavg,
       "plan": {"mode": plan.mode, "n": plan.n, "k": plan.k,
                "num_models": plan.num_models,
                "digest": array_digest(plan.subsets, plan.keys)},

@@ -44,6 +44,8 @@ PyTree = Any
 # one plain vmap.
 CLIENT_BLOCK = 64
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
+# fold_in data of the augmentation's key stream; rounds use 0 .. global_iters-1.
+SHIFT_STREAM = 2**31 - 1
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -75,6 +77,10 @@ class FedAvgConfig:
     trim_beta: trimmed_mean: fraction trimmed at each end, in [0, 0.5).
     krum_f: krum: assumed number of Byzantine clients, >= 0; needs every
       subset to hold more than ``2 * krum_f + 2`` clients.
+    max_shift: >= 0; when > 0, every minibatch image (features
+      ``[H, W, C]``) is translated by a uniform random offset in
+      ``[-max_shift, max_shift]`` pixels on each axis, zero filled: local data
+      augmentation, at no extra gradient cost. See :func:`random_shift`.
 
   Raises:
     ValueError: naming the offending field.
@@ -88,6 +94,7 @@ class FedAvgConfig:
   aggregator: str = "mean"
   trim_beta: float = 0.1
   krum_f: int = 0
+  max_shift: int = 0
 
   def __post_init__(self):
     _check_int("global_iters", self.global_iters, 1)
@@ -102,6 +109,7 @@ class FedAvgConfig:
         or not 0.0 <= self.trim_beta < 0.5):
       raise ValueError(f"trim_beta must be in [0, 0.5), got {self.trim_beta!r}")
     _check_int("krum_f", self.krum_f, 0)
+    _check_int("max_shift", self.max_shift, 0)
 
   def min_clients(self) -> int:
     """Fewest real clients a subset needs for this aggregator."""
@@ -121,6 +129,25 @@ def cross_entropy_loss(apply_fn: ApplyFn, params: PyTree, x: jax.Array,
   """
   logits = apply_fn(params, x)
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+
+def random_shift(key: jax.Array, x: jax.Array, max_shift: int) -> jax.Array:
+  """Translates each image of ``x`` by its own random offset, zero filled.
+
+  Args:
+    key: PRNG key.
+    x: float ``[B, H, W, C]``.
+    max_shift: static int >= 1; offsets are uniform in ``[-max_shift,
+      max_shift]`` on each of H and W, independently per image.
+
+  Returns:
+    ``x``'s shape and dtype.
+  """
+  b, h, w, c = x.shape
+  offsets = jax.random.randint(key, (b, 2), 0, 2 * max_shift + 1)
+  padded = jnp.pad(x, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)))
+  crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, c))
+  return jax.vmap(crop)(padded, offsets)
 
 
 def round_batch_indices(key: jax.Array, round_idx: jax.Array, client_ids: jax.Array,
@@ -177,6 +204,9 @@ def _check_fedavg_args(apply_fn, params, clients, subset, config) -> None:
     raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
   if not isinstance(clients, tuple) or len(clients) != 3:
     raise TypeError(f"clients must be a ClientData(x, y, sizes), got {type(clients).__name__}")
+  if config.max_shift and len(clients.x.shape) != 5:
+    raise ValueError("max_shift needs image features [H, W, C] (clients.x [n, m, H, W, C]), "
+                     f"got clients.x of shape {tuple(clients.x.shape)}")
   if subset is None:
     raise TypeError("subset must be int32 [s] client ids, got None")
   dtype = getattr(subset, "dtype", None)
@@ -238,18 +268,21 @@ def fedavg(apply_fn: ApplyFn, params: PyTree, clients: ClientData, subset: jax.A
   # weights of all the subset's malicious clients.
   boost = None if attack is None else attack.subset_boost(ids, weights, config.server_lr)
 
-  def local_update(global_params, cid, batch_idx):
+  def local_update(global_params, shift_key, cid, batch_idx):
     """Runs local SGD for one client; returns its update Delta_i."""
 
-    def sgd_step(p, idx):
+    def sgd_step(p, step):
+      idx = batch_idx[step]
       # Gather from the shared array: [B, *feature_shape], never a per-model copy.
       xb, yb = x_all[cid, idx], y_all[cid, idx]
+      if config.max_shift:
+        xb = random_shift(jax.random.fold_in(shift_key, step), xb, config.max_shift)
       if attack is not None:
         xb, yb = attack.poison_batch(xb, yb, cid, idx)
       g = grad_fn(p, xb, yb)
       return jax.tree_util.tree_map(lambda w, gw: w - jnp.asarray(lr, w.dtype) * gw, p, g), None
 
-    local, _ = jax.lax.scan(sgd_step, global_params, batch_idx)
+    local, _ = jax.lax.scan(sgd_step, global_params, jnp.arange(config.local_iters))
     delta = jax.tree_util.tree_map(jnp.subtract, local, global_params)
     if attack is not None:
       delta = attack.poison_update(delta, global_params, cid, boost)
@@ -258,11 +291,15 @@ def fedavg(apply_fn: ApplyFn, params: PyTree, clients: ClientData, subset: jax.A
   def server_round(global_params, t):
     batch_idx = round_batch_indices(key, t, ids, sizes, config.local_iters,
                                     config.batch_size)
+    # Its own stream (SHIFT_STREAM is no round index), keyed by client like the batches.
+    shift_round = jax.random.fold_in(jax.random.fold_in(key, SHIFT_STREAM), t)
+    shift_keys = jax.vmap(lambda cid: jax.random.fold_in(shift_round, cid))(ids)
     if subset.shape[0] > CLIENT_BLOCK:
-      deltas = jax.lax.map(lambda a: local_update(global_params, *a), (ids, batch_idx),
-                           batch_size=CLIENT_BLOCK)
+      deltas = jax.lax.map(lambda a: local_update(global_params, *a),
+                           (shift_keys, ids, batch_idx), batch_size=CLIENT_BLOCK)
     else:
-      deltas = jax.vmap(local_update, in_axes=(None, 0, 0))(global_params, ids, batch_idx)
+      deltas = jax.vmap(local_update, in_axes=(None, 0, 0, 0))(global_params, shift_keys, ids,
+                                                                batch_idx)
     agg = aggregators.aggregate(config.aggregator, deltas, weights, mask,
                                 trim_beta=config.trim_beta, krum_f=config.krum_f)
     new = jax.tree_util.tree_map(
