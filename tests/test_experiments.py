@@ -466,6 +466,23 @@ def test_config_errors_name_the_field_for_the_library_and_the_flag_for_the_cli()
     config.ExperimentConfig(num_models=True)
 
 
+@pytest.mark.parametrize("kw,ok", [
+    (dict(max_shift=2), True),
+    (dict(max_shift=13), True),
+    (dict(max_shift=14), False),    # as wide as half an MNIST image
+    (dict(max_shift=-1), False),
+    (dict(max_shift=2, dataset="har"), False),  # HAR's inputs are feature vectors
+    (dict(max_shift=0, dataset="har"), True),
+])
+def test_max_shift_is_checked_and_reaches_fedavg(kw, ok):
+  if not ok:
+    with pytest.raises(config.ConfigError, match="^max_shift "):
+      config.ExperimentConfig(**kw)
+    return
+  cfg = config.ExperimentConfig(**kw)
+  assert config.fedavg_config(cfg).max_shift == kw["max_shift"]
+
+
 def test_progress_bar_eta_and_non_tty_output():
   class Stream:
     def __init__(self):

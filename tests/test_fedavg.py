@@ -1,5 +1,6 @@
 """FedAvg against an independent NumPy implementation of docs/ALGORITHM.md's FedAvg."""
 
+import dataclasses
 import functools
 
 import jax
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from ensemble_fl.clients import ClientData, pack_clients
-from ensemble_fl.fedavg import FedAvgConfig, fedavg, round_batch_indices
+from ensemble_fl.fedavg import FedAvgConfig, fedavg, random_shift, round_batch_indices
 
 NUM_FEATURES, NUM_CLASSES = 4, 3
 SIZES = [3, 5, 8, 4, 6, 2]
@@ -221,6 +222,8 @@ def test_same_key_same_model_different_key_different_model(clients):
     ("trim_beta", 0.5, "trim_beta"),
     ("trim_beta", -0.01, "trim_beta"),
     ("krum_f", -1, "krum_f"),
+    ("max_shift", -1, "max_shift"),
+    ("max_shift", 1.0, "max_shift"),
 ])
 def test_config_validation(field, value, match):
   kwargs = dict(global_iters=1, local_iters=1, lr=0.1, batch_size=2)
@@ -241,4 +244,79 @@ def test_krum_with_too_small_subset_raises(clients):
                         aggregator="krum", krum_f=1)
   with pytest.raises(ValueError, match="krum"):
     fedavg(linear_apply, init_params(), clients, np.array([0, 1, 2, 3], np.int32),
+           jax.random.PRNGKey(0), config)
+
+
+# ------------------------------------------------------ local augmentation
+
+
+@pytest.mark.parametrize("max_shift", [1, 2, 3])
+def test_random_shift_is_a_zero_filled_translation_within_range(max_shift):
+  rng = np.random.default_rng(max_shift)
+  x = rng.uniform(0.5, 1.0, size=(64, 7, 6, 2)).astype(np.float32)  # no zero pixel
+  got = np.asarray(random_shift(jax.random.PRNGKey(3), jnp.asarray(x), max_shift))
+  assert got.shape == x.shape and got.dtype == x.dtype
+  seen = set()
+  for img, out in zip(x, got):
+    matches = []
+    for dy in range(-max_shift, max_shift + 1):
+      for dx in range(-max_shift, max_shift + 1):
+        want = np.zeros_like(img)  # want[i, j] = img[i + dy, j + dx], zero outside
+        h, w = img.shape[:2]
+        want[max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)] = \
+            img[max(0, dy):h - max(0, -dy), max(0, dx):w - max(0, -dx)]
+        if np.array_equal(out, want):
+          matches.append((dy, dx))
+    assert len(matches) == 1, "every output is exactly one translation of its own input"
+    seen.add(matches[0])
+  # Offsets are per image and cover the range (64 draws of (2s+1)^2 <= 49 offsets).
+  assert len(seen) >= min(20, (2 * max_shift + 1) ** 2)
+
+
+def _image_clients(n=4, seed=0):
+  rng = np.random.default_rng(seed)
+  xs = [rng.uniform(size=(5 + i, 6, 6, 1)).astype(np.float32) for i in range(n)]
+  ys = [rng.integers(0, NUM_CLASSES, size=5 + i) for i in range(n)]
+  return pack_clients(xs, ys)
+
+
+def _image_apply(params, x):
+  return x.reshape(x.shape[0], -1) @ params["w"] + params["b"]
+
+
+def _image_params():
+  rng = np.random.default_rng(1)
+  return {"w": (0.1 * rng.normal(size=(36, NUM_CLASSES))).astype(np.float32),
+          "b": np.zeros(NUM_CLASSES, np.float32)}
+
+
+SHIFTED = FedAvgConfig(global_iters=3, local_iters=2, lr=0.5, batch_size=4, max_shift=2)
+
+
+def _train_images(config, subset, key=0):
+  return jax.jit(lambda p, c, s, k: fedavg(_image_apply, p, c, s, k, config))(
+      _image_params(), _image_clients(), np.array(subset, np.int32), jax.random.PRNGKey(key))
+
+
+def test_max_shift_changes_the_model_and_is_deterministic():
+  plain = _train_images(dataclasses.replace(SHIFTED, max_shift=0), [0, 1, 2])
+  a, b = _train_images(SHIFTED, [0, 1, 2]), _train_images(SHIFTED, [0, 1, 2])
+  other_key = _train_images(SHIFTED, [0, 1, 2], key=1)
+  np.testing.assert_array_equal(a["w"], b["w"])
+  assert np.max(np.abs(a["w"] - plain["w"])) > 1e-3
+  assert np.max(np.abs(a["w"] - other_key["w"])) > 1e-3
+
+
+def test_shifts_are_keyed_by_client_not_by_slot():
+  # The same clients in another order (and with padding) draw the same shifts,
+  # so the mean aggregate is the same model up to float rounding.
+  a = _train_images(SHIFTED, [0, 2, 3, -1])
+  b = _train_images(SHIFTED, [3, 0, 2, -1])
+  np.testing.assert_allclose(a["w"], b["w"], rtol=1e-5, atol=1e-6)
+
+
+def test_max_shift_needs_image_features(clients):
+  config = FedAvgConfig(global_iters=1, local_iters=1, lr=0.1, batch_size=2, max_shift=1)
+  with pytest.raises(ValueError, match="max_shift needs image features"):
+    fedavg(linear_apply, init_params(), clients, np.array([0, 1], np.int32),
            jax.random.PRNGKey(0), config)

@@ -1,6 +1,7 @@
 """A checkpointed ensemble run survives SIGKILL and resumes to the same result, and never
 resumes from chunks of another configuration or of another index."""
 
+import json
 import os
 import shutil
 import signal
@@ -145,6 +146,16 @@ def checkpointed(tmp_path_factory):
 def _assert_same(a, b):
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)
+
+
+def test_fedavg_fingerprint_of_a_run_without_augmentation_is_the_one_before_max_shift(
+    checkpointed):
+  # Checkpoints written before FedAvgConfig.max_shift existed hold exactly these
+  # fields; a run that does not shift must keep resuming them.
+  manifest = json.loads((checkpointed[0] / "manifest.json").read_text())
+  assert set(manifest["fedavg"]) == {
+      "global_iters", "local_iters", "lr", "batch_size", "server_lr", "aggregator",
+      "trim_beta", "krum_f"}
 
 
 def test_deleted_manifest_does_not_let_another_config_reuse_chunks(checkpointed, tmp_path):
