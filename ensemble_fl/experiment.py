@@ -29,6 +29,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -255,21 +256,29 @@ def train_models(cfg: TrainingConfig, model: Model, clients: ClientData,
 
 
 def predict_labels(cfg: TrainingConfig, model: Model, stacked_params, x_test,
-                   log: Callable[[str], None] = _stderr_log, *, rankings: bool = False):
+                   log: Callable[[str], None] = _stderr_log, *, rankings: bool = False,
+                   copies: np.ndarray | None = None):
   """Every model's label for every test input: int32 ``[N, d]``.
 
   With ``rankings``, ``(labels, rankings)`` from the same forward pass, the
   rankings ``[N, d, C]`` of :func:`ensemble_fl.ensemble.predict_rankings`
   (the run-off vote's ballots). The predictor's warnings (models giving
-  non-finite logits) go to ``log``.
+  non-finite logits) go to ``log``. ``copies``, int ``[N]``: the distinct
+  model each row is (``ensemble.distinct_subsets``' index); each distinct
+  model then predicts once and its rows are copies of its output.
   """
+  if copies is not None:
+    first = np.unique(copies, return_index=True)[1]  # the first row of each distinct model
+    stacked_params = jax.tree_util.tree_map(lambda leaf: leaf[first], stacked_params)
   predictor = ensemble.predict_with_rankings if rankings else ensemble.predict
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always", RuntimeWarning)
     out = predictor(model.predict_fn, stacked_params, x_test, chunk_size=cfg.chunk_size)
   for w in caught:
     log(f"warning: {w.message}")
-  return out
+  if copies is None:
+    return out
+  return tuple(a[copies] for a in out) if rankings else out[copies]
 
 
 def certify_predictions(cfg: ExperimentConfig, spec: EnsembleSpec, predictions: np.ndarray, *,
@@ -371,11 +380,11 @@ def run(
 
   model = make_model(cfg.dataset, data.num_classes, data.clients.feature_shape)
   plan = make_plan(cfg, spec, n, seed)
-  distinct = ensemble.distinct_subsets(plan)[0]
+  distinct, copies = ensemble.distinct_subsets(plan)
   if distinct < plan.num_models:
     log(f"note: the plan's {plan.num_models} models have only {distinct} distinct client "
         "subsets; models of the same subset get the same key, so they are the same model "
-        "(trained once and copied)")
+        "(trained once, predicting once, and copied)")
   with progress_lib.timed(timings, "train", log):
     params = train_models(cfg, model, data.clients, plan,
                           progress(f"ensemble ({spec.num_models} models)"),
@@ -387,7 +396,8 @@ def run(
     log(f"warning: {nonfinite.size} of {spec.num_models} models ended training with NaN or inf "
         "parameters (diverged: a smaller learning rate may help); they still vote")
   with progress_lib.timed(timings, "predict", log):
-    predictions = predict_labels(cfg, model, params, data.x_test, log, rankings=keep_rankings)
+    predictions = predict_labels(cfg, model, params, data.x_test, log, rankings=keep_rankings,
+                                 copies=copies if distinct < plan.num_models else None)
   rankings = None
   if keep_rankings:
     predictions, rankings = predictions

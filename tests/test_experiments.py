@@ -632,13 +632,25 @@ def test_a_cyclic_run_trains_the_cyclic_plan_and_certifies_its_deployed_vote(num
 
 
 @pytest.mark.parametrize("replicas,distinct", [(1, None), (2, 6), (3, 6)])
-def test_a_plan_with_repeated_subsets_is_named_and_its_copies_vote_alike(replicas, distinct):
+def test_a_plan_with_repeated_subsets_is_named_and_its_copies_vote_alike(replicas, distinct,
+                                                                         monkeypatch):
   # 6 clients in 6 one-client groups, `replicas` times: 6 distinct models.
   data = synthetic_data()
   cfg = config.ExperimentConfig(**TINY_CFG, num_models=6 * replicas, lr=0.1, mode="partition",
                                 replicas=replicas)
+  predicted = []  # how many models each prediction call ran
+  real_predict = experiment.ensemble.predict_with_rankings
+  def counting_predict(fn, params, x, **kw):
+    predicted.append(len(jax.tree_util.tree_leaves(params)[0]))
+    return real_predict(fn, params, x, **kw)
+  monkeypatch.setattr(experiment.ensemble, "predict_with_rankings", counting_predict)
   lines = []
-  result = experiment.run(cfg, data=data, log=lines.append)
+  result = experiment.run(cfg, data=data, log=lines.append, keep_rankings=True,
+                          keep_ensemble=True)
+  assert predicted == [distinct or 6]  # each distinct model predicts once
+  assert result.predictions.shape == (6 * replicas, len(data.y_test))
+  assert result.rankings.shape[:2] == result.predictions.shape
+  np.testing.assert_array_equal(result.rankings[..., 0], result.predictions)
   notes = [line for line in lines if "distinct client subsets" in line]
   if distinct is None:
     assert notes == []
@@ -648,6 +660,12 @@ def test_a_plan_with_repeated_subsets_is_named_and_its_copies_vote_alike(replica
   for i, j in itertools.combinations(range(len(rows)), 2):
     if rows[i] == rows[j]:
       np.testing.assert_array_equal(result.predictions[i], result.predictions[j])
+      np.testing.assert_array_equal(result.rankings[i], result.rankings[j])
+  # The copies are what every model predicting itself gives.
+  want = experiment.ensemble.predict(experiment.make_model(
+      cfg.dataset, data.num_classes, data.clients.feature_shape).predict_fn,
+      result.ensemble.params, data.x_test)
+  np.testing.assert_array_equal(result.predictions, want)
 
 
 def test_public_plan_seed_defaults_to_the_seed():
