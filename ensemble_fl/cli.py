@@ -540,6 +540,9 @@ def add_plan_study_flags(parser: argparse.ArgumentParser, *, mnist_test_size: in
     shown = fedavg_help.format(**{d: v[field] for d, v in PLAN_STUDY_DEFAULTS.items()})
     parser.add_argument(flag_name(field), dest=field, type=float if field == "lr" else int,
                         help=f"(default {shown})")
+  parser.add_argument(flag_name("max_shift"), dest="max_shift", type=int, default=0,
+                      help="MNIST: local augmentation, random shifts of up to this many pixels "
+                           "(default 0: none)")
   parser.add_argument("--test-size", type=int,
                       help=f"test inputs (default: mnist {mnist_test_size}; har: all)")
   parser.set_defaults(mnist_test_size=mnist_test_size)
@@ -576,8 +579,8 @@ def plan_study_config(args: argparse.Namespace, **fields: Any) -> ExperimentConf
     ConfigError: a setting out of range (a ValueError).
   """
   return ExperimentConfig(dataset=args.dataset, n_clients=args.n, global_iters=args.global_iters,
-                          lr=args.lr, batch_size=args.batch_size, test_size=args.test_size,
-                          seed=args.seed, **fields)
+                          lr=args.lr, batch_size=args.batch_size, max_shift=args.max_shift,
+                          test_size=args.test_size, seed=args.seed, **fields)
 
 
 def prepare_out_dir(out: Path | None, default_name: str, *, overwrite: bool = False,

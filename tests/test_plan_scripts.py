@@ -100,7 +100,7 @@ def test_plan_budget_on_har_users_records_the_settings_it_ran(tmp_path):
   assert summary["config"]["dataset"] == "har" and summary["config"]["test_size"] is None
   assert (summary["settings"]["lr"], summary["settings"]["batch_size"]) == (har["lr"],
                                                                             har["batch_size"])
-  assert summary["config"]["global_iters"] == 1
+  assert summary["config"]["global_iters"] == 1 and summary["config"]["max_shift"] == 0
   assert {(r["N"], r["c"]) for r in summary["rows"]} == {(15, 2), (30, 1)}
   # s = 1: one partition, every model's subset its own.
   assert all(r["distinct"] == r["N"] for r in summary["rows"])
@@ -121,4 +121,14 @@ def test_plan_budget_refuses_before_any_work(tmp_path, capsys, flags, needle):
   assert _load("plan_budget").main(argv) == 2
   err = capsys.readouterr().err
   assert err.startswith("error:") and needle in err
+  assert not out.exists()
+
+
+@pytest.mark.parametrize("script", ["plan_budget", "plan_compare"])
+def test_plan_scripts_refuse_image_shifts_on_har_before_any_work(script, tmp_path, capsys):
+  out = tmp_path / "out"
+  sizes = ["--N", "30"] if script == "plan_budget" else ["--N", "15", "--s", "1"]
+  assert _load(script).main(["--dataset", "har", *sizes, "--max-shift", "2",
+                             "--out", str(out)]) == 2
+  assert "max_shift shifts images" in capsys.readouterr().err
   assert not out.exists()
