@@ -37,6 +37,10 @@ VS_PAPER = {
               ("mnist-N500-replicated", "ours, 5 partitions, deployed vote"),
               ("mnist-N1000-replicated", "ours, 5 partitions of N = 1,000 (5 clients a model), "
                                          "deployed vote"),
+              ("mnist-N1000-replicated-shift2", "the same plan, trained with 2-pixel shifts "
+                                                "(--max-shift 2), deployed vote"),
+              ("mnist-N500-shift2", "ours, Monte Carlo trained with 2-pixel shifts (idealised, "
+                                    "w.p. 0.999)"),
               ("mnist-cpu-monte_carlo", "CPU preset, Monte Carlo")],
     "mnist-q0.9": [("mnist-N500-q0.9", "ours, Monte Carlo (idealised, w.p. 0.999)"),
                    ("mnist-N500", "ours at q = 0.5, the same settings otherwise")],
