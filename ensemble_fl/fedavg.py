@@ -20,6 +20,8 @@ client ``i`` draws ``local_iters * batch_size`` indices uniformly *with
 replacement* from ``[0, sizes[i])`` using ``fold_in(fold_in(key, t), i)``
 (see :func:`round_batch_indices`). Keying by client id (not by slot) makes
 the draw of a client independent of which other clients share its subset.
+With ``max_shift`` (local augmentation, off by default) the images' offsets
+come from ``fold_in(fold_in(fold_in(key, SHIFT_STREAM), t), i)``, keyed alike.
 """
 
 from __future__ import annotations
@@ -239,7 +241,8 @@ def fedavg(apply_fn: ApplyFn, params: PyTree, clients: ClientData, subset: jax.A
       ignored (zero weight, masked out of every aggregator). At least one
       entry must be a real id (and for Krum more than ``2 * krum_f + 2``).
     key: PRNG key (legacy uint32 ``[2]`` or typed), used only for minibatch
-      sampling, see :func:`round_batch_indices`.
+      sampling (:func:`round_batch_indices`) and, with ``max_shift``, the
+      images' shifts.
     config: :class:`FedAvgConfig`.
     attack: None, or an :class:`ensemble_fl.attacks.Attack` (a pytree of
       arrays): malicious clients poison their minibatches
