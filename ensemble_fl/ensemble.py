@@ -197,6 +197,13 @@ def distinct_subsets(plan: SubsamplePlan) -> tuple[int, np.ndarray]:
   return len(unique), index.reshape(-1).astype(np.int64)
 
 
+def _representatives(copies: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """``(first, inverse)``: the first row of each distinct value of int ``copies [N]``, and
+  which of them each row is, so ``a[first][inverse]`` rebuilds any ``a`` constant on copies."""
+  _, first, inverse = np.unique(copies, return_index=True, return_inverse=True)
+  return first, inverse.reshape(-1)
+
+
 def make_plan(mode: str, *, n: int, k: int | None = None, num_models: int | None = None,
               seed: int = 0, replicas: int = 1) -> SubsamplePlan:
   """Builds the subsets and keys of every model.
@@ -682,7 +689,7 @@ def train_ensemble(init_fn: Callable[[jax.Array], PyTree], apply_fn: fedavg_lib.
   if count < plan.num_models:
     # Equal rows have the same clients and key, so the same model (bit for
     # bit on one device, whatever the chunk): train each once, then copy.
-    first = np.unique(model_of, return_index=True)[1]  # each model's first row
+    first = _representatives(model_of)[0]
     distinct = dataclasses.replace(plan, subsets=plan.subsets[first], keys=plan.keys[first])
     trained = train_ensemble(init_fn, apply_fn, clients, distinct, config,
                              chunk_size=chunk_size, progress=progress,
@@ -833,7 +840,8 @@ _predict_chunk = jax.jit(_predict_chunk_impl, static_argnums=(0, 1, 2, 3))
 
 def predict_rankings(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray, *,
                      chunk_size: int | None = None, batch_size: int | None = None,
-                     nonfinite: str = "warn", mesh: Mesh | None = None) -> np.ndarray:
+                     nonfinite: str = "warn", mesh: Mesh | None = None,
+                     copies: np.ndarray | None = None) -> np.ndarray:
   """Every model's ranking of the labels on every input: the ballots of the run-off vote.
 
   Args and Raises: as :func:`predict`, whose chunking it shares.
@@ -846,13 +854,13 @@ def predict_rankings(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np
     input. ``certify.certify(out[..., 0], mode="runoff", rankings=out, ...)`` certifies it.
   """
   return _predict(apply_fn, stacked_params, x, chunk_size, batch_size, nonfinite, mesh,
-                  ballots="ranking")[0]
+                  copies, ballots="ranking")[0]
 
 
 def predict_with_rankings(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray,
                           *, chunk_size: int | None = None, batch_size: int | None = None,
-                          nonfinite: str = "warn", mesh: Mesh | None = None
-                          ) -> tuple[np.ndarray, np.ndarray]:
+                          nonfinite: str = "warn", mesh: Mesh | None = None,
+                          copies: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
   """:func:`predict` and :func:`predict_rankings` from one forward pass of every model.
 
   Args and Raises: as :func:`predict`.
@@ -862,12 +870,13 @@ def predict_with_rankings(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, 
     :func:`predict_rankings`' ``[N, d, C]``, at the cost of one prediction.
   """
   return _predict(apply_fn, stacked_params, x, chunk_size, batch_size, nonfinite, mesh,
-                  ballots="both")
+                  copies, ballots="both")
 
 
 def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray, *,
             chunk_size: int | None = None, batch_size: int | None = None,
-            nonfinite: str = "warn", mesh: Mesh | None = None) -> np.ndarray:
+            nonfinite: str = "warn", mesh: Mesh | None = None,
+            copies: np.ndarray | None = None) -> np.ndarray:
   """Every model's predicted label for every input.
 
   A model whose logits hold NaN or inf (training diverged, or an attack
@@ -892,6 +901,11 @@ def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray,
       ``"ignore"``. :func:`nonfinite_models` finds them from the params.
     mesh: as in :func:`train_ensemble`: a 1-D mesh with axis ``"models"``, or
       None for every device.
+    copies: optional int ``[N]``: rows with equal values are the same model
+      (``distinct_subsets(plan)[1]``; :func:`train_ensemble` trains such rows
+      once and copies them). Each distinct model then predicts once and its
+      rows get copies of its output; rows that claim to be copies but whose
+      params differ are refused.
 
   Returns:
     int32 ``[N, d]``: argmax label of model i on input t.
@@ -900,14 +914,15 @@ def predict(apply_fn: fedavg_lib.ApplyFn, stacked_params: PyTree, x: np.ndarray,
     ValueError: no models, inconsistent model axis, empty or non-finite x,
       params that do not fit ``apply_fn`` (another model) or x of another
       feature shape (found by tracing one model on one input before any
-      work), unknown ``nonfinite``, or ``nonfinite="raise"`` and a model's
-      logits are not finite.
+      work), unknown ``nonfinite``, ``nonfinite="raise"`` and a model's
+      logits are not finite, or ``copies`` not int ``[N]`` or naming rows
+      with different params as copies.
   """
   return _predict(apply_fn, stacked_params, x, chunk_size, batch_size, nonfinite, mesh,
-                  ballots="label")[0]
+                  copies, ballots="label")[0]
 
 
-def _predict(apply_fn, stacked_params, x, chunk_size, batch_size, nonfinite, mesh, *,
+def _predict(apply_fn, stacked_params, x, chunk_size, batch_size, nonfinite, mesh, copies, *,
              ballots: str) -> tuple[np.ndarray, ...]:
   """The labels and/or rankings (one of :data:`BALLOTS`) of :func:`predict` and
   :func:`predict_rankings`, in that order."""
@@ -918,6 +933,11 @@ def _predict(apply_fn, stacked_params, x, chunk_size, batch_size, nonfinite, mes
   total = int(np.shape(leaves[0])[0]) if np.ndim(leaves[0]) else 0
   if total < 1 or any(np.ndim(l) < 1 or np.shape(l)[0] != total for l in leaves):
     raise ValueError("every leaf of stacked_params needs the same leading model axis N >= 1")
+  inverse = None
+  if copies is not None:
+    first, inverse = _representatives(_check_copies(copies, total, stacked_params))
+    stacked_params = jax.tree_util.tree_map(lambda l: np.asarray(l)[first], stacked_params)
+    total = len(first)
   try:
     x = np.asarray(x)
   except ValueError as e:  # a ragged nested list
@@ -973,12 +993,32 @@ def _predict(apply_fn, stacked_params, x, chunk_size, batch_size, nonfinite, mes
       out[start:stop] = got[: stop - start, :d]
     ok = np.concatenate([to_host(f) for _, f in results], axis=1)
     finite[start:stop] = ok[: stop - start, :d].all(axis=1)
+  if inverse is not None:
+    outs, finite, total = [out[inverse] for out in outs], finite[inverse], len(inverse)
   _report_nonfinite(np.flatnonzero(~finite), total, "give NaN or inf logits on some inputs",
                     {"label": "they vote argmax of those logits",
                      "ranking": "they rank NaN labels last",
                      "both": "they vote argmax of those logits and rank NaN labels last"
                      }[ballots], nonfinite)
   return tuple(outs)
+
+
+def _check_copies(copies, total: int, stacked_params: PyTree) -> np.ndarray:
+  """``copies`` as int64 ``[N]``, after checking that rows it calls copies hold equal params:
+  a wrong index would otherwise give the certificate votes of models nobody deployed."""
+  copies = np.asarray(copies)
+  if copies.shape != (total,) or not np.issubdtype(copies.dtype, np.integer):
+    raise ValueError(f"copies must be int [N] = [{total}], got {copies.dtype} {copies.shape}")
+  first, inverse = _representatives(copies)
+  source = first[inverse]  # the row each row is a copy of (itself for the first)
+  rows = np.flatnonzero(source != np.arange(total))
+  for leaf in jax.tree_util.tree_leaves(stacked_params):
+    leaf = np.asarray(leaf)
+    bad = [int(i) for i in rows if not np.array_equal(leaf[i], leaf[source[i]], equal_nan=True)]
+    if bad:
+      raise ValueError(f"copies says model {bad[0]} is a copy of model {int(source[bad[0]])}, "
+                       "but their params differ")
+  return copies.astype(np.int64)
 
 
 def nonfinite_models(stacked_params: PyTree) -> np.ndarray:

@@ -267,18 +267,14 @@ def predict_labels(cfg: TrainingConfig, model: Model, stacked_params, x_test,
   model each row is (``ensemble.distinct_subsets``' index); each distinct
   model then predicts once and its rows are copies of its output.
   """
-  if copies is not None:
-    first = np.unique(copies, return_index=True)[1]  # the first row of each distinct model
-    stacked_params = jax.tree_util.tree_map(lambda leaf: leaf[first], stacked_params)
   predictor = ensemble.predict_with_rankings if rankings else ensemble.predict
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always", RuntimeWarning)
-    out = predictor(model.predict_fn, stacked_params, x_test, chunk_size=cfg.chunk_size)
+    out = predictor(model.predict_fn, stacked_params, x_test, chunk_size=cfg.chunk_size,
+                    copies=copies)
   for w in caught:
     log(f"warning: {w.message}")
-  if copies is None:
-    return out
-  return tuple(a[copies] for a in out) if rankings else out[copies]
+  return out
 
 
 def certify_predictions(cfg: ExperimentConfig, spec: EnsembleSpec, predictions: np.ndarray, *,

@@ -522,6 +522,51 @@ def test_predict_with_rankings_is_predict_and_predict_rankings_in_one_pass(
       ensemble.predict_with_rankings(apply_fn, params, x)
 
 
+@pytest.mark.parametrize("cells", [{}, {(0, "copied"): np.nan}])
+@pytest.mark.parametrize("predictor", ["predict", "predict_rankings", "predict_with_rankings"])
+def test_copies_predict_once_and_give_what_every_model_gives(monkeypatch, mc_plan, mc_params,
+                                                             predictor, cells):
+  copies = ensemble.distinct_subsets(mc_plan)[1]
+  copied = [i for i in range(7) if (copies == copies[i]).sum() > 1]
+  assert len(copied) >= 2  # the fixture's plan repeats subsets
+  # A NaN in every row of one copied model: the warning must name each row.
+  twins = np.flatnonzero(copies == copies[copied[0]])
+  params = _poison_rows(mc_params, {(leaf, int(row)): v for (leaf, _), v in cells.items()
+                                    for row in twins})
+  x = np.random.default_rng(9).normal(size=(12, NUM_FEATURES)).astype(np.float32)
+  fn = getattr(ensemble, predictor)
+  with warnings.catch_warnings(record=True) as every_warning:
+    warnings.simplefilter("always", RuntimeWarning)
+    want = fn(apply_fn, params, x, chunk_size=2)
+  rows_seen = []
+  real_pad = ensemble._pad_rows
+  monkeypatch.setattr(ensemble, "_pad_rows",
+                      lambda a, size: rows_seen.append(len(a)) or real_pad(a, size))
+  with warnings.catch_warnings(record=True) as copy_warning:
+    warnings.simplefilter("always", RuntimeWarning)
+    got = fn(apply_fn, params, x, chunk_size=2, copies=copies)
+  num_leaves = len(jax.tree_util.tree_leaves(params))
+  assert sum(rows_seen) == 5 * num_leaves  # the 5 distinct models, each once
+  for a, b in zip(*(((o,) if predictor != "predict_with_rankings" else o)
+                    for o in (got, want))):
+    np.testing.assert_array_equal(a, b)
+  assert [str(w.message) for w in copy_warning] == [str(w.message) for w in every_warning]
+  assert bool(cells) == bool(copy_warning)
+
+
+def test_copies_of_different_models_are_refused(mc_plan, mc_params):
+  x = np.zeros((2, NUM_FEATURES), np.float32)
+  copies = ensemble.distinct_subsets(mc_plan)[1]
+  other = next(i for i in range(1, 7) if copies[i] != copies[0])
+  lie = copies.copy()
+  lie[other] = copies[0]  # claims model `other` is model 0
+  with pytest.raises(ValueError, match=rf"model {other} is a copy of model 0.*params differ"):
+    ensemble.predict(apply_fn, mc_params, x, copies=lie)
+  for bad in (copies[:6], copies.astype(float), copies.reshape(7, 1)):
+    with pytest.raises(ValueError, match=r"copies must be int \[N\] = \[7\]"):
+      ensemble.predict(apply_fn, mc_params, x, copies=bad)
+
+
 def test_predict_rejects_an_unknown_nonfinite_policy(mc_params):
   with pytest.raises(ValueError, match="nonfinite must be one of"):
     ensemble.predict(apply_fn, mc_params, np.zeros((1, NUM_FEATURES)), nonfinite="skip")
