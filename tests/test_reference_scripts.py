@@ -98,6 +98,32 @@ def test_a_run_off_certificate_beside_a_run_adds_its_own_row(tmp_path, capsys, m
   assert cells[7 + len(columns):] == ["40", "(the same)", "(the same)"]
 
 
+@pytest.mark.parametrize("second_baseline,want_rows", [
+    (0.92, ["run", "base", "run", "runoff"]),            # the same model: printed once
+    (0.91, ["run", "base", "run", "runoff", "base"])])    # another: below the run-off row
+def test_a_runs_baseline_follows_its_run_off_row_and_is_not_repeated(
+    tmp_path, capsys, monkeypatch, second_baseline, want_rows):
+  compare = _load("compare")
+  monkeypatch.setattr(compare, "HERE", tmp_path)
+  (first, first_label), (second, second_label) = compare.VS_PAPER["har"][:2]
+  m = list(range(0, 5))
+  for folder, accuracy in ((first, 0.92), (second, second_baseline)):
+    (tmp_path / folder).mkdir()
+    record = _record(30, m, [0.8, 0.7, 0.6, 0.5, 0.0]) | {"baseline_accuracy": accuracy}
+    (tmp_path / folder / "results.json").write_text(json.dumps(record))
+  (tmp_path / second / compare.RUNOFF_FILE).write_text(json.dumps(
+      {"certified_accuracy": {"0": 0.81, "1": 0.0}, "max_certified_level": 0,
+       "vote_accuracy": 0.81}))
+  compare.paper_table("har")
+  kinds = {f"| {first_label} |": "run", f"| {second_label} |": "run",
+           "| the models of the row above, run-off vote |": "runoff"}
+  rows = []
+  for line in capsys.readouterr().out.splitlines():
+    kind = next((v for k, v in kinds.items() if line.startswith(k)), None)
+    rows += [kind] if kind else ["base"] if "single FedAvg" in line else []
+  assert rows == want_rows
+
+
 # The paper's row of each table, written out by hand from the paper's text.
 PAPER_ROWS = {
     "mnist": "| paper (its text) | 500 | 3,000 | 0.001 | 32 | 10,000 | – | – | – | 0.88 | – | – "
@@ -105,7 +131,7 @@ PAPER_ROWS = {
     "mnist-q0.9": "| paper (its text) | 500 | 3,000 | 0.001 | 32 | 10,000 | – | – | 0.83 | – | – "
                   "| – | – | – | – | – | – |",
     "har": "| paper (its text) | 435 | 5,000 | 0.001 | 32 | 2,576 (UCI HAR) | – | – | – | – | – "
-           "| – | – | 8 | – | – |",
+           "| – | – | – | – | – | 8 | – | – |",
 }
 
 

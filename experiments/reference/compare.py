@@ -45,6 +45,8 @@ VS_PAPER = {
     "mnist-q0.9": [("mnist-N500-q0.9", "ours, Monte Carlo (idealised, w.p. 0.999)"),
                    ("mnist-N500", "ours at q = 0.5, the same settings otherwise")],
     "har": [("har-paper", "ours, exact"),
+            ("har-paper-partition-N30", "ours, one volunteer a model (partition, N = 30), "
+                                        "deployed vote"),
             ("har-cpu-exact", "CPU preset, exact")],
 }
 # Runs that certified another run's models (its checkpoint, nothing retrained).
@@ -52,7 +54,7 @@ SAME_MODELS = {"mnist-N500-deterministic": "mnist-N500"}
 # A run's models certified again as the two-round vote (`python -m ensemble_fl
 # certify --mode runoff`), in the run's folder: a row and a curve below the run's.
 RUNOFF_FILE = "runoff.json"
-PAPER_COLUMNS = {"mnist": (0, 10, 20, 30, 40, 50, 60), "har": (0, 1, 2, 4, 6, 8)}
+PAPER_COLUMNS = {"mnist": (0, 10, 20, 30, 40, 50, 60), "har": (0, 1, 2, 4, 6, 8, 10, 12, 14)}
 PAPER_COLUMNS["mnist-q0.9"] = PAPER_COLUMNS["mnist"]
 
 # What the paper's text states (its figures give no numbers): CA@m values,
@@ -146,24 +148,34 @@ def paper_table(dataset: str) -> None:
   records = with_runoff(records)
   curves = [(label, r["certified_accuracy"]["m"], r["certified_accuracy"]["ensemble"])
             for label, r, _ in records]
+  baselines = set()  # single FedAvg rows printed: a run's baseline again is left out
+  pending = None  # a run's baseline row, printed below the run's run-off row
   for label, r, folder in records:
     t = r["timings_s"]
     if folder is None:  # a run-off row: the models of the row above
       train = predict = "(the same)"
     else:
+      if pending:
+        print(pending)
+      pending = None
       train = (f"(those of `{SAME_MODELS[folder]}`)" if folder in SAME_MODELS
                else minutes(t.get("train_all_sessions", t["train"])))
       predict = minutes(t["predict"])
     print(f"| {label} | {settings(r)} | {r['vote_accuracy']:.3f} | "
           + " | ".join(f"{ca_at(r, m):.3f}" for m in cols)
           + f" | {r['max_certified_level']} | {train} | {predict} |")
-    if folder is not None and r.get("baseline_accuracy") is not None:
+    c = r["config"]
+    baseline = (r.get("baseline_accuracy"), r["n"], c["global_iters"], c["lr"], c["batch_size"])
+    if folder is not None and baseline[0] is not None and baseline not in baselines:
+      baselines.add(baseline)
       base = t.get("baseline_train_all_sessions", t.get("baseline_train", 0.0))
-      print(f"| {label.split(',')[0]}, single FedAvg on all {r['n']:,} clients | 1 | "
-            f"{r['config']['global_iters']:,} | {r['config']['lr']:g} | "
-            f"{r['config']['batch_size']} | {r['num_test']:,} | {r['baseline_accuracy']:.3f} | "
-            + " | ".join(f"{r['baseline_accuracy']:.3f}" if m == 0 else "0" for m in cols)
-            + f" | – | {minutes(base)} | {minutes(t.get('baseline_predict', 0.0))} |")
+      pending = (f"| {label.split(',')[0]}, single FedAvg on all {r['n']:,} clients | 1 | "
+                 f"{c['global_iters']:,} | {c['lr']:g} | {c['batch_size']} | {r['num_test']:,} | "
+                 f"{r['baseline_accuracy']:.3f} | "
+                 + " | ".join(f"{r['baseline_accuracy']:.3f}" if m == 0 else "0" for m in cols)
+                 + f" | – | {minutes(base)} | {minutes(t.get('baseline_predict', 0.0))} |")
+  if pending:
+    print(pending)
   if records:
     end = [] if paper["largest"] is None else [(paper["largest"] + 1, 0.0)]
     m, ca = zip(*[*paper["ca"].items(), *end])
