@@ -558,7 +558,7 @@ def complete_plan_study_args(args: argparse.Namespace) -> None:
   (so that a study's JSON records what ran).
 
   Raises:
-    ConfigError: ``--n`` other than HAR's users on HAR (a ValueError).
+    ValueError: ``--n`` other than HAR's users on HAR.
   """
   for field, value in PLAN_STUDY_DEFAULTS[args.dataset].items():
     if getattr(args, field) is None:
@@ -567,7 +567,13 @@ def complete_plan_study_args(args: argparse.Namespace) -> None:
     args.test_size = args.mnist_test_size
   users = PLAN_STUDY_DEFAULTS["har"]["n"]
   if args.dataset == "har" and args.n != users:
-    raise ConfigError("n_clients", f"(--n) must be HAR's {users} users, got {args.n}")
+    raise ValueError(f"--n must be HAR's {users} users, got {args.n}")
+
+
+# The config fields a plan study sets from its own flags, and those flags.
+PLAN_STUDY_FLAGS = {"dataset": "--dataset", "n_clients": "--n", "seed": "--seed",
+                    **{f: flag_name(f) for f in ("global_iters", "lr", "batch_size", "max_shift",
+                                                 "test_size")}}
 
 
 def plan_study_config(args: argparse.Namespace, **fields: Any) -> ExperimentConfig:
@@ -576,11 +582,15 @@ def plan_study_config(args: argparse.Namespace, **fields: Any) -> ExperimentConf
   config's plan fields (k, num_models, mode).
 
   Raises:
-    ConfigError: a setting out of range (a ValueError).
+    ValueError: a setting out of range, named by its flag (:data:`PLAN_STUDY_FLAGS`).
   """
-  return ExperimentConfig(dataset=args.dataset, n_clients=args.n, global_iters=args.global_iters,
-                          lr=args.lr, batch_size=args.batch_size, max_shift=args.max_shift,
-                          test_size=args.test_size, seed=args.seed, **fields)
+  try:
+    return ExperimentConfig(dataset=args.dataset, n_clients=args.n,
+                            global_iters=args.global_iters, lr=args.lr,
+                            batch_size=args.batch_size, max_shift=args.max_shift,
+                            test_size=args.test_size, seed=args.seed, **fields)
+  except ConfigError as e:
+    raise ValueError(e.describe(lambda field: PLAN_STUDY_FLAGS.get(field, field))) from None
 
 
 def prepare_out_dir(out: Path | None, default_name: str, *, overwrite: bool = False,

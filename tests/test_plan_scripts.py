@@ -130,5 +130,19 @@ def test_plan_scripts_refuse_image_shifts_on_har_before_any_work(script, tmp_pat
   sizes = ["--N", "30"] if script == "plan_budget" else ["--N", "15", "--s", "1"]
   assert _load(script).main(["--dataset", "har", *sizes, "--max-shift", "2",
                              "--out", str(out)]) == 2
-  assert "max_shift shifts images" in capsys.readouterr().err
+  assert "--max-shift shifts images" in capsys.readouterr().err
+  assert not out.exists()
+
+
+@pytest.mark.parametrize("script", ["plan_budget", "plan_compare"])
+@pytest.mark.parametrize("flags,needle", [
+    (["--lr", "-1"], "--lr must be"), (["--batch-size", "0"], "--batch-size must be"),
+    (["--global-iters", "0"], "--global-iters must be"), (["--max-shift", "14"], "--max-shift"),
+    (["--test-size", "0"], "--test-size must be"), (["--seed", "-1"], "--seed must be")])
+def test_plan_scripts_name_the_flag_of_a_bad_setting(script, tmp_path, capsys, flags, needle):
+  out = tmp_path / "out"
+  sizes = ["--N", "20"] if script == "plan_budget" else ["--N", "20", "--s", "2"]
+  assert _load(script).main(["--n", "20", *sizes, *flags, "--out", str(out)]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: {needle}") and len(err.splitlines()) == 1, err
   assert not out.exists()
