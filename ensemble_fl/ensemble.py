@@ -935,7 +935,7 @@ def _predict(apply_fn, stacked_params, x, chunk_size, batch_size, nonfinite, mes
     raise ValueError("every leaf of stacked_params needs the same leading model axis N >= 1")
   inverse = None
   if copies is not None:
-    first, inverse = _representatives(_check_copies(copies, total, stacked_params))
+    first, inverse = _check_copies(copies, total, stacked_params)
     stacked_params = jax.tree_util.tree_map(lambda l: np.asarray(l)[first], stacked_params)
     total = len(first)
   try:
@@ -1003,9 +1003,9 @@ def _predict(apply_fn, stacked_params, x, chunk_size, batch_size, nonfinite, mes
   return tuple(outs)
 
 
-def _check_copies(copies, total: int, stacked_params: PyTree) -> np.ndarray:
-  """``copies`` as int64 ``[N]``, after checking that rows it calls copies hold equal params:
-  a wrong index would otherwise give the certificate votes of models nobody deployed."""
+def _check_copies(copies, total: int, stacked_params: PyTree) -> tuple[np.ndarray, np.ndarray]:
+  """``copies``' :func:`_representatives`, after checking that rows it calls copies hold equal
+  params: a wrong index would otherwise give the certificate votes of models nobody deployed."""
   copies = np.asarray(copies)
   if copies.shape != (total,) or not np.issubdtype(copies.dtype, np.integer):
     raise ValueError(f"copies must be int [N] = [{total}], got {copies.dtype} {copies.shape}")
@@ -1018,7 +1018,7 @@ def _check_copies(copies, total: int, stacked_params: PyTree) -> np.ndarray:
     if bad:
       raise ValueError(f"copies says model {bad[0]} is a copy of model {int(source[bad[0]])}, "
                        "but their params differ")
-  return copies.astype(np.int64)
+  return first, inverse
 
 
 def nonfinite_models(stacked_params: PyTree) -> np.ndarray:
