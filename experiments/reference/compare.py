@@ -39,6 +39,8 @@ VS_PAPER = {
                                          "deployed vote"),
               ("mnist-N1000-replicated-shift2", "the same plan, trained with 2-pixel shifts "
                                                 "(--max-shift 2), deployed vote"),
+              ("mnist-N500-replicated-shift2", "ours, 5 partitions (N = 500) trained with the "
+                                               "same shifts, deployed vote"),
               ("mnist-N500-shift2", "ours, Monte Carlo trained with 2-pixel shifts (idealised, "
                                     "w.p. 0.999)"),
               ("mnist-cpu-monte_carlo", "CPU preset, Monte Carlo")],
