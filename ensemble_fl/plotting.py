@@ -19,6 +19,9 @@ import numpy as np
 Curve = tuple[str, Sequence[int], Sequence[float]]
 
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+_DASHES = ("-", "--", ":")
+# The most legend entries drawn inside the axes; more go below them.
+LEGEND_INSIDE_MAX = 4
 
 
 class AttackPoint(NamedTuple):
@@ -69,7 +72,8 @@ def plot_curves(
     longest = max((len(m) for _, m, _ in curves), default=1)
     for i, (label, m, ca) in enumerate(curves):
       m = np.asarray(m)
-      ax.plot(m, np.asarray(ca), label=label, linewidth=1.6,
+      # Past the 10 colours of the cycle a curve would share a colour: change its dash.
+      ax.plot(m, np.asarray(ca), label=label, linewidth=1.6, linestyle=_DASHES[i // 10 % 3],
               marker=_MARKERS[i % len(_MARKERS)] if longest <= 25 else None,
               markersize=4)
     for i, (label, m, ca) in enumerate(points):
@@ -83,11 +87,15 @@ def plot_curves(
     ax.grid(True, alpha=0.3)
     if title:
       ax.set_title(title, fontsize=10)
-    if curves or points:
+    entries = len(curves) + len(points)
+    if entries > LEGEND_INSIDE_MAX:  # it would hide the curves: below the axes instead
+      fig.set_size_inches(5.5, 4.0 + 0.16 * entries)
+      ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.14), frameon=False)
+    elif entries:
       ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
   finally:
     plt.close(fig)
   return path
