@@ -34,6 +34,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "make_plan": "ensemble_fl.ensemble",
     "distinct_subsets": "ensemble_fl.ensemble",
+    "equal_models": "ensemble_fl.ensemble",
     "SubsamplePlan": "ensemble_fl.ensemble",
     "train_ensemble": "ensemble_fl.ensemble",
     "predict": "ensemble_fl.ensemble",

@@ -39,6 +39,7 @@ digest checks over whole files are simple and exact.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -215,6 +216,11 @@ class Ensemble:
   def num_models(self) -> int:
     return self.plan.num_models
 
+  @functools.cached_property
+  def _copies(self) -> np.ndarray | None:
+    # Rows of one subset holding the same params predict once (computed on first use).
+    return ensemble_lib.equal_models(self.plan, self.params)
+
   @property
   def n(self) -> int:
     return self.plan.n
@@ -248,6 +254,9 @@ class Ensemble:
               mesh=None) -> np.ndarray:
     """Every model's label for every input: int32 ``[N, d]``.
 
+    Rows that are the same model (a repeated subset with bit-equal params,
+    :func:`ensemble_fl.ensemble.equal_models`) predict once and are copied.
+
     Args:
       x: float ``[d, *model.feature_shape]`` (MNIST: pixels / 255), finite.
       batch_size, chunk_size, mesh: as in :func:`ensemble_fl.ensemble.predict`.
@@ -257,7 +266,7 @@ class Ensemble:
     """
     x = check_inputs(x, self.model.feature_shape)
     return ensemble_lib.predict(self.apply_fn, self.params, x, batch_size=batch_size,
-                                chunk_size=chunk_size, mesh=mesh)
+                                chunk_size=chunk_size, mesh=mesh, copies=self._copies)
 
   def predict_rankings(self, x, *, batch_size: int | None = None,
                        chunk_size: int | None = None, mesh=None) -> np.ndarray:
@@ -268,7 +277,7 @@ class Ensemble:
     """
     x = check_inputs(x, self.model.feature_shape)
     return ensemble_lib.predict_rankings(self.apply_fn, self.params, x, batch_size=batch_size,
-                                         chunk_size=chunk_size, mesh=mesh)
+                                         chunk_size=chunk_size, mesh=mesh, copies=self._copies)
 
   def certify_votes(self, votes, *, mode: str | None = None, alpha: float = 0.001,
                     seed: int = 0) -> certify_lib.Certificate:

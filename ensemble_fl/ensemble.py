@@ -197,6 +197,28 @@ def distinct_subsets(plan: SubsamplePlan) -> tuple[int, np.ndarray]:
   return len(unique), index.reshape(-1).astype(np.int64)
 
 
+def equal_models(plan: SubsamplePlan, stacked_params: PyTree) -> np.ndarray | None:
+  """Which rows are the same model, for :func:`predict`'s ``copies``: int64 ``[N]``.
+
+  Rows share a value when their subsets are equal (:func:`distinct_subsets`)
+  and their params are bit for bit equal; a row of a repeated subset whose
+  params differ (a model retrained on another device count) gets a value of
+  its own. None when no two rows are the same model.
+  """
+  count, index = distinct_subsets(plan)
+  if count == plan.num_models:
+    return None
+  first, inverse = _representatives(index)
+  source = first[inverse]
+  same = source == np.arange(plan.num_models)  # a first row is its own model
+  leaves = [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(stacked_params)]
+  for i in np.flatnonzero(~same):
+    same[i] = all(np.array_equal(leaf[i], leaf[source[i]], equal_nan=True) for leaf in leaves)
+  # A differing row keys itself: count + i lies outside [0, count).
+  out = np.where(same, index, count + np.arange(plan.num_models))
+  return None if np.unique(out).size == plan.num_models else out
+
+
 def _representatives(copies: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """``(first, inverse)``: the first row of each distinct value of int ``copies [N]``, and
   which of them each row is, so ``a[first][inverse]`` rebuilds any ``a`` constant on copies."""

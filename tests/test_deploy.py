@@ -232,6 +232,48 @@ def test_inputs_of_the_wrong_shape_or_dtype_are_refused(trained, x, needle):
     trained["partition"].certify_inputs(x)
 
 
+@pytest.mark.parametrize("perturb", [False, True])
+def test_copies_of_a_model_predict_once_unless_their_params_differ(monkeypatch, perturb):
+  # 2 replicas of 6 one-client groups: 12 rows, 6 distinct models.
+  plan = efl.make_plan("partition", n=6, num_models=12, replicas=2, seed=3)
+  params = efl.train_ensemble(init_fn, apply_fn, make_clients(), plan, CONFIG)
+  index = efl.distinct_subsets(plan)[1]
+  twin = int(np.flatnonzero(index == index[0])[1])  # row 0's copy
+  if perturb:  # as if retrained elsewhere: same subset, other bits
+    params = jax.tree_util.tree_map(np.array, params)
+    leaves(params)[0][twin].flat[0] += 1.0
+  ens = deploy.make_ensemble(params, plan, SPEC, CONFIG, apply_fn=apply_fn, init_fn=init_fn,
+                             plan_seed=3)
+  copies = efl.equal_models(plan, params)
+  assert len(np.unique(copies)) == 6 + perturb
+  assert (copies[twin] == copies[0]) == (not perturb)
+  for i in range(12):  # rows share a value only when subsets and every param are equal
+    for j in range(12):
+      same = index[i] == index[j] and all(np.array_equal(l[i], l[j]) for l in leaves(params))
+      assert (copies[i] == copies[j]) == same
+  x = inputs(13)
+  want = efl.predict(apply_fn, params, x)
+  want_ranks = efl.predict_rankings(apply_fn, params, x)
+  rows_seen = []
+  real_pad = efl.ensemble._pad_rows
+  monkeypatch.setattr(efl.ensemble, "_pad_rows",
+                      lambda a, size: rows_seen.append(len(a)) or real_pad(a, size))
+  np.testing.assert_array_equal(ens.predict(x), want)
+  np.testing.assert_array_equal(ens.predict_rankings(x), want_ranks)
+  assert sum(rows_seen) == 2 * (6 + perturb) * len(leaves(params))  # two calls
+
+
+@pytest.mark.parametrize("name", PLANS)
+def test_models_trained_together_are_copies_exactly_when_their_subsets_repeat(trained, name):
+  ens = trained[name]
+  count, index = efl.distinct_subsets(ens.plan)
+  got = efl.equal_models(ens.plan, ens.params)
+  if count == ens.num_models:
+    assert got is None
+  else:  # one training run copies a repeated subset's model bit for bit
+    np.testing.assert_array_equal(got, index)
+
+
 # ---------------------------------------------------------------------------
 # Removing clients.
 
