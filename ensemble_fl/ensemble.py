@@ -209,14 +209,22 @@ def equal_models(plan: SubsamplePlan, stacked_params: PyTree) -> np.ndarray | No
   if count == plan.num_models:
     return None
   first, inverse = _representatives(index)
-  source = first[inverse]
-  same = source == np.arange(plan.num_models)  # a first row is its own model
-  leaves = [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(stacked_params)]
-  for i in np.flatnonzero(~same):
-    same[i] = all(np.array_equal(leaf[i], leaf[source[i]], equal_nan=True) for leaf in leaves)
+  same = _params_match(stacked_params, first[inverse])
   # A differing row keys itself: count + i lies outside [0, count).
   out = np.where(same, index, count + np.arange(plan.num_models))
   return None if np.unique(out).size == plan.num_models else out
+
+
+def _params_match(stacked_params: PyTree, source: np.ndarray) -> np.ndarray:
+  """bool ``[N]``: row i's params are bit for bit those of row ``source[i]`` (NaN equal to
+  NaN); True where ``source[i] == i``."""
+  same = np.ones(len(source), bool)
+  rows = np.flatnonzero(source != np.arange(len(source)))
+  for leaf in jax.tree_util.tree_leaves(stacked_params):
+    leaf = np.asarray(leaf)
+    for i in rows[same[rows]]:
+      same[i] = np.array_equal(leaf[i], leaf[source[i]], equal_nan=True)
+  return same
 
 
 def _representatives(copies: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -958,8 +966,11 @@ def _predict(apply_fn, stacked_params, x, chunk_size, batch_size, nonfinite, mes
   inverse = None
   if copies is not None:
     first, inverse = _check_copies(copies, total, stacked_params)
-    stacked_params = jax.tree_util.tree_map(lambda l: np.asarray(l)[first], stacked_params)
-    total = len(first)
+    if len(first) == total:  # no two rows alike: predict in place, no gathered copy
+      inverse = None
+    else:
+      stacked_params = jax.tree_util.tree_map(lambda l: np.asarray(l)[first], stacked_params)
+      total = len(first)
   try:
     x = np.asarray(x)
   except ValueError as e:  # a ragged nested list
@@ -1033,13 +1044,10 @@ def _check_copies(copies, total: int, stacked_params: PyTree) -> tuple[np.ndarra
     raise ValueError(f"copies must be int [N] = [{total}], got {copies.dtype} {copies.shape}")
   first, inverse = _representatives(copies)
   source = first[inverse]  # the row each row is a copy of (itself for the first)
-  rows = np.flatnonzero(source != np.arange(total))
-  for leaf in jax.tree_util.tree_leaves(stacked_params):
-    leaf = np.asarray(leaf)
-    bad = [int(i) for i in rows if not np.array_equal(leaf[i], leaf[source[i]], equal_nan=True)]
-    if bad:
-      raise ValueError(f"copies says model {bad[0]} is a copy of model {int(source[bad[0]])}, "
-                       "but their params differ")
+  bad = np.flatnonzero(~_params_match(stacked_params, source))
+  if bad.size:
+    raise ValueError(f"copies says model {bad[0]} is a copy of model {source[bad[0]]}, "
+                     "but their params differ")
   return first, inverse
 
 

@@ -393,7 +393,7 @@ def run(
         "parameters (diverged: a smaller learning rate may help); they still vote")
   with progress_lib.timed(timings, "predict", log):
     predictions = predict_labels(cfg, model, params, data.x_test, log, rankings=keep_rankings,
-                                 copies=copies if distinct < plan.num_models else None)
+                                 copies=copies)
   rankings = None
   if keep_rankings:
     predictions, rankings = predictions

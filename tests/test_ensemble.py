@@ -554,6 +554,14 @@ def test_copies_predict_once_and_give_what_every_model_gives(monkeypatch, mc_pla
   assert bool(cells) == bool(copy_warning)
 
 
+def test_copies_without_repeats_predict_every_row_in_place(mc_params):
+  # Every row its own value (in any order): the rows' own predictions, in row order.
+  x = np.random.default_rng(10).normal(size=(6, NUM_FEATURES)).astype(np.float32)
+  want = ensemble.predict(apply_fn, mc_params, x)
+  for copies in (np.arange(7), np.arange(7)[::-1] * 3):
+    np.testing.assert_array_equal(ensemble.predict(apply_fn, mc_params, x, copies=copies), want)
+
+
 def test_copies_of_different_models_are_refused(mc_plan, mc_params):
   x = np.zeros((2, NUM_FEATURES), np.float32)
   copies = ensemble.distinct_subsets(mc_plan)[1]
